@@ -1,0 +1,82 @@
+"""`python -m deit_fast.info`: versions, GPU, CUDA extension, Triton mode, and which backend each op would use."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import deit_fast
+from deit_fast import _backend
+
+# A representative input per op (DeiT-S rows) for the "which backend" column.
+_SAMPLE_SHAPES = {"layer_norm": (2, 198, 384)}
+
+
+def _sample_args(op_name: str, device: torch.device, dtype: torch.dtype):
+    shape = _SAMPLE_SHAPES.get(op_name, (2, 198, 384))
+    x = torch.empty(shape, device=device, dtype=dtype)
+    return x, None, None, None, 1e-6
+
+
+def report() -> list[tuple[str, str]]:
+    rows = [("deit_fast", deit_fast.__version__), ("python", platform.python_version()), ("torch", torch.__version__),
+            ("torch CUDA", str(torch.version.cuda))]
+    try:
+        import triton
+
+        rows.append(("triton", triton.__version__))
+    except ImportError as e:
+        rows.append(("triton", f"not importable ({e})"))
+    try:
+        import timm
+
+        rows.append(("timm", timm.__version__))
+    except ImportError:
+        rows.append(("timm", "not installed"))
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        props = torch.cuda.get_device_properties(device)
+        rows.append(("GPU", f"{props.name} ({_backend.cuda_arch(device)}, {props.multi_processor_count} SMs, "
+                            f"{props.total_memory / 2**30:.0f} GiB)"))
+    else:
+        device = torch.device("cpu")
+        rows.append(("GPU", "none (CUDA not available): ops run the PyTorch reference on CPU tensors"))
+
+    ext, err = _backend.cuda_extension()
+    if ext is None:
+        rows.append(("CUDA extension", f"not built: {err}"))
+    else:
+        info = ext.build_info()
+        rows.append(("CUDA extension", f"built for {', '.join(_backend.extension_archs())} "
+                                       f"(CUDA {info['cuda_version']}, torch {info['torch_version']})"))
+    if _backend.triton_import_error():
+        rows.append(("Triton kernels", "unavailable"))
+    elif _backend.TRITON_INTERPRETED:
+        rows.append(("Triton kernels", "interpreted on the CPU (TRITON_INTERPRET=1)"))
+    else:
+        rows.append(("Triton kernels", "compiled (JIT) for the GPU" if device.type == "cuda"
+                     else "compiled (JIT), but no GPU to run them on"))
+    rows.append(("DEIT_FAST_BACKEND", _backend.forced_backend()))
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name in _backend.ops():
+        args = _sample_args(name, device, dtype)
+        try:
+            backend, _ = _backend.choose(name, *args)
+            rows.append((f"op {name}", f"{backend} ({device.type}, {dtype}, shape {tuple(args[0].shape)})"))
+        except (_backend.BackendUnavailableError, ValueError) as e:
+            rows.append((f"op {name}", f"error: {e}"))
+    return rows
+
+
+def main() -> None:
+    rows = report()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
