@@ -1,5 +1,5 @@
 // Torch glue for the LayerNorm kernels: argument checks, output allocation, and registration of
-// deit_fast_cuda::layer_norm_fwd / layer_norm_bwd for CUDA tensors. deit_fast/ops/layer_norm.py wraps these in the
+// deit_fast_cuda::layer_norm_fwd / layer_norm_bwd for CUDA tensors. deit_fast/ops/fused_layer_norm.py wraps these in the
 // public custom ops (fake tensors, autograd) and chooses between them and the Triton kernels.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deit_fast.ops.layer_norm import layer_norm
+from deit_fast.ops.fused_layer_norm import layer_norm
 
 
 class LayerNorm(nn.LayerNorm):

@@ -86,9 +86,11 @@ def _backward_reference(dy, dsum, s, weight, mean, rstd):
     inp = s.float() if mixed else s
     w = weight.to(inp.dtype) if weight is not None else None
     stat_shape = (*s.shape[:-1], 1)
+    # aten computes dbias only when given a bias; its values do not enter any gradient.
+    zero_bias = torch.zeros(s.shape[-1], dtype=inp.dtype, device=s.device)
     ds, dw, db = torch.ops.aten.native_layer_norm_backward(
         dy.to(inp.dtype), inp, (s.shape[-1],), mean.to(inp.dtype).reshape(stat_shape),
-        rstd.to(inp.dtype).reshape(stat_shape), w, None, (True, w is not None, True))
+        rstd.to(inp.dtype).reshape(stat_shape), w, zero_bias, (True, w is not None, True))
     ds = ds.to(s.dtype)
     if dsum is not None:
         ds = ds + dsum
@@ -199,15 +201,37 @@ if triton is not None:
 
 
 def triton_config(D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps) for a row width D: about 2048 elements a program, 4 to 16 warps."""
+    """(BLOCK_D, ROWS, num_warps) for a row width D: about 2048 elements a program, 4 warps; wide rows get 8 or 16
+    warps (16 at 4096: with 8, ptxas spills the float32 add+LayerNorm forward on sm_80, found by deit_fast.aot)."""
     block_d = max(128, 1 << (D - 1).bit_length())
     rows = max(1, 2048 // block_d)
-    num_warps = min(16, max(4, block_d * rows // 512))
+    num_warps = {2048: 8, 4096: 16, 8192: 16}.get(block_d, 4)
     return block_d, rows, num_warps
 
 
 # Every configuration the launchers can use (D <= MAX_D): the ahead-of-time compilation test compiles each of them.
 TRITON_CONFIGS = sorted({triton_config(d) for d in (2**k for k in range(0, MAX_D.bit_length()))})
+
+
+def aot_cases():
+    """(name, kernel, signature, constexprs, num_warps, aligned args) for every kernel configuration the launchers
+    can use; `python -m deit_fast.aot` compiles each of them for sm_80 and sm_90."""
+    for dtype in ("fp32", "fp16", "bf16"):
+        t = f"*{dtype}"
+        fwd_sig = {"X": t, "RES": t, "W": "*fp32", "B": "*fp32", "Y": t, "S": t, "MEAN": "*fp32", "RSTD": "*fp32",
+                   "M": "i32", "D": "i32", "eps": "fp32", "BLOCK_D": "constexpr", "ROWS": "constexpr",
+                   "HAS_RESIDUAL": "constexpr"}
+        bwd_sig = {"DY": t, "DSUM": t, "S": t, "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DS": t,
+                   "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "M": "i32", "D": "i32", "rows_per_program": "i32",
+                   "BLOCK_D": "constexpr", "ROWS": "constexpr", "HAS_DSUM": "constexpr"}
+        fwd_aligned = ("X", "RES", "W", "B", "Y", "S", "MEAN", "RSTD", "D")
+        bwd_aligned = ("DY", "DSUM", "S", "W", "MEAN", "RSTD", "DS", "DW_PARTIAL", "DB_PARTIAL", "D")
+        for block_d, rows, num_warps in TRITON_CONFIGS:
+            for flag in (False, True):
+                yield (f"layer_norm_fwd-{dtype}-{block_d}x{rows}-residual{int(flag)}", _layer_norm_fwd_kernel,
+                       fwd_sig, {"BLOCK_D": block_d, "ROWS": rows, "HAS_RESIDUAL": flag}, num_warps, fwd_aligned)
+                yield (f"layer_norm_bwd-{dtype}-{block_d}x{rows}-dsum{int(flag)}", _layer_norm_bwd_kernel, bwd_sig,
+                       {"BLOCK_D": block_d, "ROWS": rows, "HAS_DSUM": flag}, num_warps, bwd_aligned)
 
 
 @functools.cache
