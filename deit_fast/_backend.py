@@ -82,7 +82,10 @@ def ops() -> dict[str, Op]:
 
 
 def forced_backend() -> str:
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    value = os.environ.get(BACKEND_ENV)
+    if value is None or value == "auto":
+        return "auto"
+    value = value.strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={value!r} is not one of auto, {', '.join(BACKENDS)}")
     return value

@@ -22,9 +22,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def use_backend(monkeypatch):
-    """use_backend('triton') forces DEIT_FAST_BACKEND for the rest of the test."""
+    """use_backend('triton', 'cuda') forces DEIT_FAST_BACKEND for the rest of the test, or skips the test when that
+    backend cannot run on that device here (e.g. Triton on CPU tensors outside the interpreter)."""
+    from deit_fast import _backend
 
-    def set_backend(name: str) -> None:
+    def set_backend(name: str, device: str = "cpu") -> None:
+        if name in _backend.BACKENDS:
+            reason = _backend.unavailable_reason(name, torch.device(device))
+            if reason:
+                pytest.skip(reason)
         monkeypatch.setenv("DEIT_FAST_BACKEND", name)
 
     return set_backend

@@ -1,4 +1,4 @@
-"""Fused ops, one per file (fused_<op>.py): reference (the spec) -> Triton kernels -> launchers -> custom-op registration."""
+"""Fused ops, one per file (fused_<op>.py): reference (the spec), Triton kernels, launchers, custom-op registration."""
 
 from deit_fast.ops.fused_layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 

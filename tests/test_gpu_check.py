@@ -1,0 +1,57 @@
+"""benchmarks/gpu_check: exits 0 with a notice without a GPU, and turns pytest-benchmark JSON into the results
+table and target verdicts (checked here on a synthetic result, so the script cannot rot between GPU runs)."""
+
+import importlib.machinery
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check"
+
+
+def load_gpu_check():
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(SCRIPT))
+    spec = importlib.util.spec_from_loader("gpu_check", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_without_gpu_exits_cleanly(tmp_path):
+    """Without CUDA the check says so, writes nothing and exits 0."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_summarizes_benchmarks():
+    """Speedups are computed within each group and targets judged on the best deit_fast provider."""
+    gpu_check = load_gpu_check()
+
+    def bench(provider, us, frac):
+        return {"group": "layer_norm-fwdbwd-bfloat16-deit-b256-D384",
+                "extra_info": {"provider": provider, "backend": provider, "op": "layer_norm", "mode": "fwdbwd",
+                               "median_us": us, "gbs": 1.0, "roofline_fraction": frac}}
+
+    raw = {"benchmarks": [bench("torch", 30.0, 0.3), bench("torch_compile", 20.0, 0.5), bench("triton", 12.0, 0.9),
+                          bench("cuda", 15.0, 0.8), {"group": "x", "extra_info": {}}]}
+    rows, by_group = gpu_check.summarize_benchmarks(raw)
+    assert len(rows) == 4
+    triton = by_group["layer_norm-fwdbwd-bfloat16-deit-b256-D384"]["triton"]
+    assert triton["speedup_vs_torch"] == 2.5 and triton["speedup_vs_torch_compile"] == pytest.approx(1.667, 1e-3)
+    (verdict,) = gpu_check.target_verdicts(by_group)
+    assert verdict["best_provider"] == "triton" and verdict["fastest_kernel"] == "triton" and verdict["met"]
+    raw["benchmarks"][2]["extra_info"]["roofline_fraction"] = 0.7
+    rows, by_group = gpu_check.summarize_benchmarks(raw)
+    assert not gpu_check.target_verdicts(by_group)[0]["met"]
+    meta = {"date": "2026-01-01", "gpu": "GPU", "commit": "abc", "torch": "2", "triton": "3", "cuda": "13"}
+    text = gpu_check.markdown(meta, rows, gpu_check.target_verdicts(by_group), [{"name": "build", "ok": True,
+                                                                                "seconds": 1.0}])
+    assert "| layer_norm-fwdbwd-bfloat16-deit-b256-D384 | triton |" in text
