@@ -3,7 +3,7 @@ rule, every kernel shape (vector and scalar paths, narrow and wide rows), determ
 
 import pytest
 import torch
-from test_layer_norm import check_against_reference, make_inputs, run_op
+from layer_norm_cases import check_against_reference, make_inputs, run_op
 
 from deit_fast import _backend
 from deit_fast.ops import add_layer_norm, layer_norm
