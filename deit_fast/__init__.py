@@ -2,9 +2,12 @@
 
 from deit_fast import ops
 from deit_fast._backend import BackendUnavailableError
-from deit_fast.layers import LayerNorm
-from deit_fast.ops import add_layer_norm, layer_norm
+from deit_fast.layers import Attention, LayerNorm
+from deit_fast.ops import add_layer_norm, attention, layer_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "LayerNorm", "add_layer_norm", "layer_norm", "ops", "__version__"]
+__all__ = [
+    "Attention", "BackendUnavailableError", "LayerNorm", "__version__", "add_layer_norm", "attention", "layer_norm",
+    "ops",
+]

@@ -1,10 +1,11 @@
 """`python -m deit_fast.aot [--capability 80 90] [--json FILE]`: compile every Triton kernel configuration the
 dispatcher can launch, ahead of time, for the given GPU architectures, without a GPU.
 
-Each op module in deit_fast.ops lists its launchable configurations in `aot_cases()`. For each one this reports
-shared memory against the architecture's limit, registers and spills from ptxas, and whether the code uses Hopper's
-`wgmma` (expected of matrix kernels on sm_90). It must run without TRITON_INTERPRET (interpreted kernels cannot be
-compiled); the tests start it in a subprocess for that reason. Exit status 1 when any configuration fails a check.
+Each op module in deit_fast.ops lists its launchable configurations in `aot_cases(capability)`. For each one
+this reports shared memory against the architecture's limit, registers and spills from ptxas, and whether the code
+uses Hopper's `wgmma` (expected of matrix kernels on sm_90). It must run without TRITON_INTERPRET (interpreted
+kernels cannot be compiled); the tests start it in a subprocess for that reason. Exit status 1 when any
+configuration fails a check.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import sys
 
 # Largest dynamic shared memory a block may use: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
-# Op modules with Triton kernels; each defines aot_cases().
-OP_MODULES = ["deit_fast.ops.fused_layer_norm"]
+# Op modules with Triton kernels; each defines aot_cases(capability).
+OP_MODULES = ["deit_fast.ops.fused_layer_norm", "deit_fast.ops.fused_attention"]
 
 
 def compile_triton(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int,
@@ -69,37 +70,50 @@ def parse_ptxas_verbose(text: str) -> dict[str, int]:
     return usage
 
 
-def check(capabilities: list[int], name_filter: str = "") -> list[dict]:
+def check_capability(cap: int, name_filter: str = "") -> list[dict]:
+    """Compile and check every launchable configuration of every op for sm_<cap>."""
     import importlib
 
     results = []
     for module_name in OP_MODULES:
         module = importlib.import_module(module_name)
-        for name, kernel, signature, constexprs, num_warps, aligned in module.aot_cases():
+        for name, kernel, signature, constexprs, num_warps, aligned in module.aot_cases(cap):
             if name_filter not in name:
                 continue
-            for cap in capabilities:
-                row = {"kernel": name, "capability": cap, "num_warps": num_warps}
-                try:
-                    compiled = compile_triton(kernel, signature, constexprs, cap, num_warps, aligned)
-                except Exception as e:  # report every failing configuration, not just the first
-                    row["error"] = f"{type(e).__name__}: {e}"
-                    results.append(row)
-                    continue
-                ptx = compiled.asm["ptx"]
-                row.update(shared_bytes=compiled.metadata.shared, uses_wgmma="wgmma" in ptx,
-                           uses_dot="mma" in ptx, **ptxas_usage(ptx, cap))
-                problems = []
-                if row["shared_bytes"] > MAX_SHARED_BYTES[cap]:
-                    problems.append(f"shared memory {row['shared_bytes']} > {MAX_SHARED_BYTES[cap]}")
-                if row["spill_stores"] or row["spill_loads"] or row["stack_bytes"]:
-                    problems.append("register spills / local memory")
-                if cap >= 90 and row["uses_dot"] and not row["uses_wgmma"]:
-                    problems.append("matrix kernel without wgmma on sm_90")
-                if problems:
-                    row["error"] = "; ".join(problems)
+            row = {"kernel": name, "capability": cap, "num_warps": num_warps}
+            try:
+                compiled = compile_triton(kernel, signature, constexprs, cap, num_warps, aligned)
+            except Exception as e:  # report every failing configuration, not just the first
+                row["error"] = f"{type(e).__name__}: {e}"
                 results.append(row)
+                continue
+            ptx = compiled.asm["ptx"]
+            row.update(shared_bytes=compiled.metadata.shared, uses_wgmma="wgmma" in ptx, uses_mma="mma." in ptx,
+                       **ptxas_usage(ptx, cap))
+            problems = []
+            if row["shared_bytes"] > MAX_SHARED_BYTES[cap]:
+                problems.append(f"shared memory {row['shared_bytes']} > {MAX_SHARED_BYTES[cap]}")
+            if row["spill_stores"] or row["spill_loads"] or row["stack_bytes"]:
+                problems.append("register spills / local memory")
+            if cap >= 90 and row["uses_mma"] and not row["uses_wgmma"]:
+                problems.append("matrix kernel without wgmma on sm_90")
+            if problems:
+                row["error"] = "; ".join(problems)
+            results.append(row)
     return results
+
+
+def check(capabilities: list[int], name_filter: str = "") -> list[dict]:
+    """check_capability for each architecture, in parallel processes (compilation is CPU-bound)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if len(capabilities) == 1:
+        return check_capability(capabilities[0], name_filter)
+    workers = min(len(capabilities), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        per_cap = pool.map(check_capability, capabilities, [name_filter] * len(capabilities))
+        return [row for rows in per_cap for row in rows]
 
 
 def main(argv=None) -> int:

@@ -9,13 +9,14 @@ import torch
 import deit_fast
 from deit_fast import _backend
 
-# A representative input per op (DeiT-S rows) for the "which backend" column.
-_SAMPLE_SHAPES = {"layer_norm": (2, 198, 384)}
+# A representative input per op (DeiT-S: 198 tokens, 384 wide, 6 heads of 64) for the "which backend" column.
+_SAMPLE_SHAPES = {"layer_norm": (2, 198, 384), "attention": (2, 198, 3 * 384)}
 
 
 def _sample_args(op_name: str, device: torch.device, dtype: torch.dtype):
-    shape = _SAMPLE_SHAPES.get(op_name, (2, 198, 384))
-    x = torch.empty(shape, device=device, dtype=dtype)
+    x = torch.empty(_SAMPLE_SHAPES[op_name], device=device, dtype=dtype)
+    if op_name == "attention":
+        return x, 6, 0.125
     return x, None, None, None, 1e-6
 
 

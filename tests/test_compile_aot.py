@@ -7,8 +7,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
+from deit_fast.ops import fused_attention as fa
 from deit_fast.ops import fused_layer_norm as ln
 
 
@@ -19,16 +18,20 @@ def test_config_table_covers_every_width():
         assert config in ln.TRITON_CONFIGS and config[0] >= D
 
 
-@pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
-def test_triton_kernels_compile_ahead_of_time(capability, tmp_path):
-    """All launchable Triton configurations compile for the target with no spills and within shared memory."""
+def test_triton_kernels_compile_ahead_of_time(tmp_path):
+    """All launchable Triton configurations compile for sm_80 and sm_90 with no spills, within shared memory,
+    and with wgmma in the sm_90 matrix kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "deit_fast.aot", "--capability", str(capability), "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "deit_fast.aot", "--capability", "80", "90", "--json", str(out)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads(out.read_text())
-    names = {r["kernel"] for r in results}
-    expected = {case[0] for case in ln.aot_cases()}
-    assert expected <= names
-    assert all(r["capability"] == capability and "error" not in r for r in results)
+    for cap in (80, 90):
+        names = {r["kernel"] for r in results if r["capability"] == cap}
+        for module in (ln, fa):
+            assert {case[0] for case in module.aot_cases(cap)} <= names
+    assert all("error" not in r for r in results)
+    attention_sm90 = [r for r in results if r["capability"] == 90 and r["kernel"].startswith(("attn_fwd", "attn_bwd_d"))
+                      and "delta" not in r["kernel"]]
+    assert attention_sm90 and all(r["uses_wgmma"] for r in attention_sm90)

@@ -213,9 +213,9 @@ def triton_config(D: int) -> tuple[int, int, int]:
 TRITON_CONFIGS = sorted({triton_config(d) for d in (2**k for k in range(0, MAX_D.bit_length()))})
 
 
-def aot_cases():
+def aot_cases(capability: int):
     """(name, kernel, signature, constexprs, num_warps, aligned args) for every kernel configuration the launchers
-    can use; `python -m deit_fast.aot` compiles each of them for sm_80 and sm_90."""
+    can use (the same on every architecture); `python -m deit_fast.aot` compiles each of them."""
     for dtype in ("fp32", "fp16", "bf16"):
         t = f"*{dtype}"
         fwd_sig = {"X": t, "RES": t, "W": "*fp32", "B": "*fp32", "Y": t, "S": t, "MEAN": "*fp32", "RSTD": "*fp32",
