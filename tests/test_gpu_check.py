@@ -48,6 +48,7 @@ def test_gpu_check_summarizes_benchmarks():
     assert triton["speedup_vs_torch"] == 2.5 and triton["speedup_vs_torch_compile"] == pytest.approx(1.667, 1e-3)
     (verdict,) = gpu_check.target_verdicts(by_group)
     assert verdict["best_provider"] == "triton" and verdict["fastest_kernel"] == "triton" and verdict["met"]
+    assert verdict["speedups"] == {"torch eager": 2.5, "torch.compile": pytest.approx(1.667, 1e-3)}
     raw["benchmarks"][2]["extra_info"]["roofline_fraction"] = 0.7
     rows, by_group = gpu_check.summarize_benchmarks(raw)
     assert not gpu_check.target_verdicts(by_group)[0]["met"]
@@ -55,3 +56,23 @@ def test_gpu_check_summarizes_benchmarks():
     text = gpu_check.markdown(meta, rows, gpu_check.target_verdicts(by_group), [{"name": "build", "ok": True,
                                                                                 "seconds": 1.0}])
     assert "| layer_norm-fwdbwd-bfloat16-deit-b256-D384 | triton |" in text
+
+
+def test_gpu_check_attention_targets():
+    """Attention targets compare with the fastest SDPA backend present, with and without layout copies, at N=198."""
+    gpu_check = load_gpu_check()
+
+    def bench(provider, us, group="attention-fwdbwd-bfloat16-deit_small-N198"):
+        return {"group": group, "extra_info": {"provider": provider, "backend": provider, "op": "attention",
+                                               "mode": "fwdbwd", "median_us": us, "gbs": 1.0,
+                                               "roofline_fraction": 0.5}}
+
+    raw = {"benchmarks": [bench("sdpa_flash", 130.0), bench("sdpa_cudnn", 100.0), bench("sdpa_flash_nocopy", 90.0),
+                          bench("triton", 80.0), bench("triton", 80.0, group="attention-fwdbwd-bfloat16-b-N577"),
+                          bench("sdpa_flash", 60.0, group="attention-fwdbwd-bfloat16-b-N577")]}
+    _, by_group = gpu_check.summarize_benchmarks(raw)
+    verdicts = {v["group"]: v for v in gpu_check.target_verdicts(by_group)}
+    n198 = verdicts["attention-fwdbwd-bfloat16-deit_small-N198"]
+    assert n198["speedups"] == {"fastest SDPA with timm's copies": 1.25, "fastest SDPA without copies": 1.125}
+    assert n198["met"]
+    assert "met" not in verdicts["attention-fwdbwd-bfloat16-b-N577"]  # targets are for N=198 only
