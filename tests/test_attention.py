@@ -140,6 +140,17 @@ def test_module_masks_and_dropout_fall_back(use_backend, caplog):
     assert any("not fused" in r.message for r in caplog.records)
 
 
+def test_module_fused_attn_false_runs_timm_explicit_path(use_backend):
+    """fused_attn=False (timm's switch for reading attention maps) runs timm's explicit path: attn_drop sees them."""
+    use_backend("triton")
+    ours, _ = copy_module()
+    ours.fused_attn = False
+    seen = []
+    ours.attn_drop.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    ours(torch.randn(2, 10, 384))
+    assert seen == [(2, 6, 10, 10)]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

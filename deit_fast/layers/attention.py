@@ -3,7 +3,8 @@
 It subclasses timm's module, so the constructor (every argument and default), the submodules (`qkv`, `q_norm`,
 `k_norm`, `attn_drop`, `norm`, `gate`, `proj`, `proj_drop`), the attributes and the state_dict are timm's own. Only
 `forward` changes. Cases the fused op does not cover run timm's own forward, with a one-time log line: an attention
-mask, `is_causal`, and attention dropout while training.
+mask, `is_causal`, and attention dropout while training. Setting `fused_attn = False` (timm's switch, e.g. to hook
+the attention maps through `attn_drop`) runs timm's explicit path too, as it does in timm.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ _logged: set[str] = set()
 def _log_once(reason: str) -> None:
     if reason not in _logged:
         _logged.add(reason)
-        logger.warning("deit_fast Attention: %s; running timm's attention for it", reason)
+        logger.warning("deit_fast Attention: %s; running timm's attention", reason)
 
 
 class Attention(TimmAttention):
     """timm.layers.Attention with the attention core fused and no layout copies around it."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if not self.fused_attn:
+            _log_once("fused_attn is False (timm's explicit path requested)")
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             _log_once("attention masks and is_causal are not fused")
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
