@@ -60,3 +60,25 @@ def test_layer_norm_in_timm_vit():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), stock(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_layers_in_timm_deit(backend, use_backend):
+    """deit_tiny_distilled built with attn_layer/norm_layer from deit_fast loads the stock weights strictly and
+    matches its logits and input gradient."""
+    from deit_fast.layers import Attention
+
+    use_backend(backend)
+    kwargs = dict(depth=2, img_size=64, num_classes=10)
+    stock = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **kwargs).eval()
+    fused = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, attn_layer=Attention,
+                              norm_layer=LayerNorm, **kwargs).eval()
+    assert isinstance(fused.blocks[1].attn, Attention)
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, out2 = fused(x1), stock(x2)
+    torch.testing.assert_close(out1, out2, atol=2e-5, rtol=1e-4)
+    out1.sum().backward()
+    out2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=2e-5, rtol=1e-4)
