@@ -162,6 +162,15 @@ if triton is not None:
         tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=m_mask)
 
     @triton.jit
+    def _attn_bwd_scores(q, k, v, do, lse, delta, valid, qk_scale, DOT_PRECISION: tl.constexpr):
+        """P recomputed from the saved log-sum-exp (zero where not `valid`) and dS = P * (dout v^T - delta), for a
+        (queries x keys) tile."""
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
     def _attn_bwd_dkdv_kernel(
         QKV,  # (B, N, 3C) packed input
         DOUT,  # (B, N, C), contiguous
@@ -202,12 +211,10 @@ if triton is not None:
             do = tl.load(dout_base + rows[:, None] * C + offs_d[None, :], mask=m_mask[:, None], other=0.0)
             lse = tl.load(LSE + stats_base + rows, mask=m_mask, other=0.0)
             delta = tl.load(DELTA + stats_base + rows, mask=m_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            # Padding rows and columns must contribute nothing: zero their probabilities.
-            p = tl.where(m_mask[:, None] & n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            # Padding rows and columns must contribute nothing: their probabilities are zeroed.
+            p, ds = _attn_bwd_scores(q, k, v, do, lse, delta, m_mask[:, None] & n_mask[None, :], qk_scale,
+                                     DOT_PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
         dkv_ptrs = DQKV + base + kv_offsets
         tl.store(dkv_ptrs + C, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=n_mask[:, None])
@@ -253,10 +260,7 @@ if triton is not None:
             kv_offsets = cols[:, None] * row_stride + offs_d[None, :]
             k = tl.load(QKV + base + C + kv_offsets, mask=n_mask[:, None], other=0.0)
             v = tl.load(QKV + base + 2 * C + kv_offsets, mask=n_mask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            p = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            _, ds = _attn_bwd_scores(q, k, v, do, lse, delta, n_mask[None, :], qk_scale, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         tl.store(DQKV + base + offs_m[:, None] * row_stride + offs_d[None, :],
                  (dq * sm_scale).to(DQKV.dtype.element_ty), mask=m_mask[:, None])
