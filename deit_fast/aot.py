@@ -18,7 +18,9 @@ import sys
 # Largest dynamic shared memory a block may use: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 # Op modules with Triton kernels; each defines aot_cases(capability).
-OP_MODULES = ["deit_fast.ops.fused_layer_norm", "deit_fast.ops.fused_attention"]
+OP_MODULES = [
+    "deit_fast.ops.fused_layer_norm", "deit_fast.ops.fused_attention", "deit_fast.ops.fused_distill_loss",
+]
 
 
 def compile_triton(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int,

@@ -10,13 +10,15 @@ import deit_fast
 from deit_fast import _backend
 
 # A representative input per op (DeiT-S: 198 tokens, 384 wide, 6 heads of 64) for the "which backend" column.
-_SAMPLE_SHAPES = {"layer_norm": (2, 198, 384), "attention": (2, 198, 3 * 384)}
+_SAMPLE_SHAPES = {"layer_norm": (2, 198, 384), "attention": (2, 198, 3 * 384), "distill_loss": (256, 1000)}
 
 
 def _sample_args(op_name: str, device: torch.device, dtype: torch.dtype):
     x = torch.empty(_SAMPLE_SHAPES[op_name], device=device, dtype=dtype)
     if op_name == "attention":
         return x, 6, 0.125
+    if op_name == "distill_loss":
+        return x, x, x.float(), x
     return x, None, None, None, 1e-6
 
 
