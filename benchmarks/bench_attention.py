@@ -96,7 +96,7 @@ def _time_mode(mode, forward, inputs, run_benchmark, flops_fwd, bytes_fwd, bytes
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwdbwd"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("provider", CORE_PROVIDERS)
-def bench_attention_core(provider, shape, mode, run_benchmark, benchmark, monkeypatch):
+def bench_attention_core(provider, shape, mode, run_benchmark, benchmark, force_backend):
     B, N, H = SHAPES[shape]
     C = H * HEAD_DIM
     benchmark.group = f"attention-{mode}-{DTYPE_NAME}-{shape}"
@@ -124,11 +124,7 @@ def bench_attention_core(provider, shape, mode, run_benchmark, benchmark, monkey
         forward = torch.compile(timm_core(H), fullgraph=True)
     else:
         if provider == "triton":
-            reason = _backend.unavailable_reason("triton", DEVICE) or _backend.ops()["attention"].triton.supports(
-                qkv, H, HEAD_DIM**-0.5)
-            if reason:
-                pytest.skip(reason)
-            monkeypatch.setenv("DEIT_FAST_BACKEND", "triton")
+            force_backend("attention", "triton", qkv, H, HEAD_DIM**-0.5)
         backend = _backend.choose("attention", qkv, H, HEAD_DIM**-0.5)[0]
 
         def forward(qkv):

@@ -38,7 +38,7 @@ def deit_loss(kind, alpha=0.5, tau=1.0):
 
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 @pytest.mark.parametrize("provider", ["torch", "torch_compile", "deit_fast", "triton"])
-def bench_distill_loss(provider, kind, run_benchmark, benchmark, monkeypatch):
+def bench_distill_loss(provider, kind, run_benchmark, benchmark, force_backend):
     benchmark.group = f"distill_loss-fwdbwd-{DTYPE_NAME}-{PRESET}-{kind}"
     cls = torch.randn(B, K, device=DEVICE, dtype=DTYPE, requires_grad=True)
     dist = torch.randn(B, K, device=DEVICE, dtype=DTYPE, requires_grad=True)
@@ -51,11 +51,7 @@ def bench_distill_loss(provider, kind, run_benchmark, benchmark, monkeypatch):
         fn = torch.compile(deit_loss(kind), fullgraph=True)
     else:
         if provider == "triton":
-            reason = _backend.unavailable_reason("triton", DEVICE) or _backend.ops()["distill_loss"].triton.supports(
-                cls)
-            if reason:
-                pytest.skip(reason)
-            monkeypatch.setenv("DEIT_FAST_BACKEND", "triton")
+            force_backend("distill_loss", "triton", cls)
 
         def fn(c, d, y, t):
             return distill_loss(c, d, y, t, kind)

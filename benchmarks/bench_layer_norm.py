@@ -50,17 +50,14 @@ def deit_fast_op(op):
 PROVIDERS = ["torch", "torch_compile", "deit_fast", "triton", "cuda"]
 
 
-def make_fn(provider, op, D, monkeypatch):
+def make_fn(provider, op, D, force_backend):
     if provider == "torch":
         return torch_eager(op, D)
     if provider == "torch_compile":
         torch._dynamo.reset()
         return torch.compile(torch_eager(op, D), fullgraph=True)
     if provider in ("triton", "cuda"):
-        reason = _backend.unavailable_reason(provider, DEVICE)
-        if reason:
-            pytest.skip(reason)
-        monkeypatch.setenv("DEIT_FAST_BACKEND", provider)
+        force_backend("layer_norm", provider, torch.empty(ROWS, D, device=DEVICE, dtype=DTYPE))
     return deit_fast_op(op)
 
 
@@ -68,9 +65,9 @@ def make_fn(provider, op, D, monkeypatch):
 @pytest.mark.parametrize("D", WIDTHS)
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def bench_layer_norm(provider, op, D, mode, run_benchmark, benchmark, monkeypatch):
+def bench_layer_norm(provider, op, D, mode, run_benchmark, benchmark, force_backend):
     benchmark.group = f"{op}-{mode}-{str(DTYPE).removeprefix('torch.')}-{PRESET}-D{D}"
-    fn = make_fn(provider, op, D, monkeypatch)
+    fn = make_fn(provider, op, D, force_backend)
     x = torch.randn(ROWS, D, device=DEVICE, dtype=DTYPE, requires_grad=mode == "fwdbwd")
     r = torch.randn(ROWS, D, device=DEVICE, dtype=DTYPE, requires_grad=mode == "fwdbwd")
     w = torch.randn(D, device=DEVICE, requires_grad=mode == "fwdbwd")

@@ -95,3 +95,22 @@ def run_benchmark(benchmark, environment, copy_bandwidth):
         benchmark.extra_info.update(extra)
 
     return run
+
+
+@pytest.fixture
+def force_backend(monkeypatch):
+    """force_backend(op, backend, *args): set DEIT_FAST_BACKEND for this benchmark, or skip it when that backend
+    cannot run `op` on these arguments here; returns the backend that will run."""
+    from deit_fast import _backend
+
+    def force(op_name: str, backend: str, *args) -> str:
+        impl = _backend.ops()[op_name].impl(backend)
+        if impl is None:
+            pytest.skip(f"{op_name} has no {backend} implementation")
+        reason = _backend.unavailable_reason(backend, DEVICE) or impl.supports(*args)
+        if reason:
+            pytest.skip(reason)
+        monkeypatch.setenv("DEIT_FAST_BACKEND", backend)
+        return backend
+
+    return force

@@ -239,14 +239,19 @@ def _kd_code(distillation_type: str) -> int:
     return TYPES.index(distillation_type)
 
 
-def _forward_triton(cls_logits, dist_logits, targets, teacher_logits, kd_type, alpha, tau):
-    B, K = cls_logits.shape
+def _kernel_inputs(cls_logits, dist_logits, targets, teacher_logits):
+    """Contiguous logits (cls standing in for absent ones), int64 labels or float32 soft targets, and which."""
     cls = cls_logits.contiguous()
     dist = dist_logits.contiguous() if dist_logits is not None else cls
     teacher = teacher_logits.contiguous() if teacher_logits is not None else cls
-    target = targets.contiguous()
-    int_labels = not target.is_floating_point()
-    target = target.long() if int_labels else target.float()
+    int_labels = not targets.is_floating_point()
+    target = targets.contiguous().long() if int_labels else targets.contiguous().float()
+    return cls, dist, teacher, target, int_labels
+
+
+def _forward_triton(cls_logits, dist_logits, targets, teacher_logits, kd_type, alpha, tau):
+    B, K = cls_logits.shape
+    cls, dist, teacher, target, int_labels = _kernel_inputs(cls_logits, dist_logits, targets, teacher_logits)
     row_loss = torch.empty(B, 2, dtype=torch.float32, device=cls.device)
     stats = torch.empty(B, 4, dtype=torch.float32, device=cls.device)
     if B > 0:
@@ -271,12 +276,7 @@ def _scales(kd_type, alpha, tau, B, K):
 
 def _backward_triton(grad, cls_logits, dist_logits, targets, teacher_logits, stats, kd_type, alpha, tau):
     B, K = cls_logits.shape
-    cls = cls_logits.contiguous()
-    dist = dist_logits.contiguous() if dist_logits is not None else cls
-    teacher = teacher_logits.contiguous() if teacher_logits is not None else cls
-    target = targets.contiguous()
-    int_labels = not target.is_floating_point()
-    target = target.long() if int_labels else target.float()
+    cls, dist, teacher, target, int_labels = _kernel_inputs(cls_logits, dist_logits, targets, teacher_logits)
     dcls = torch.empty_like(cls)
     ddist = torch.empty_like(dist) if kd_type != 0 else cls.new_empty(0)
     base_scale, kd_scale = _scales(kd_type, alpha, tau, B, K)
