@@ -20,14 +20,16 @@ MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 # Op modules with Triton kernels; each defines aot_cases(capability).
 OP_MODULES = [
     "deit_fast.ops.fused_layer_norm", "deit_fast.ops.fused_attention", "deit_fast.ops.fused_distill_loss",
+    "deit_fast.ops.fused_mlp",
 ]
 
 
-def compile_triton(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int,
+def compile_triton(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int | dict,
                    aligned: tuple[str, ...] = ()):
     """Compile a @triton.jit kernel for sm_<capability> without a GPU. `signature` maps every argument to a Triton
     type ('*fp16', 'i32', 'fp32', 'constexpr'); `aligned` names the arguments specialized as divisible by 16, as the
-    JIT does for 16-byte-aligned pointers and sizes."""
+    JIT does for 16-byte-aligned pointers and sizes. `num_warps` is the warp count or a dict of compile options
+    (num_warps, num_stages)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,7 +40,8 @@ def compile_triton(kernel, signature: dict, constexprs: dict, capability: int, n
         raise ValueError(f"signature lacks {sorted(missing)}")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(kernel, {n: signature[n] for n in names}, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    options = num_warps if isinstance(num_warps, dict) else {"num_warps": num_warps}
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def ptxas_usage(ptx: str, capability: int) -> dict[str, int]:
@@ -82,7 +85,8 @@ def check_capability(cap: int, name_filter: str = "") -> list[dict]:
         for name, kernel, signature, constexprs, num_warps, aligned in module.aot_cases(cap):
             if name_filter not in name:
                 continue
-            row = {"kernel": name, "capability": cap, "num_warps": num_warps}
+            row = {"kernel": name, "capability": cap,
+                   **(num_warps if isinstance(num_warps, dict) else {"num_warps": num_warps})}
             try:
                 compiled = compile_triton(kernel, signature, constexprs, cap, num_warps, aligned)
             except Exception as e:  # report every failing configuration, not just the first

@@ -1,6 +1,7 @@
 """timm-shaped nn.Modules built on deit_fast.ops: same constructor arguments, defaults and state_dict keys."""
 
 from deit_fast.layers.attention import Attention
+from deit_fast.layers.mlp import Block, Mlp
 from deit_fast.layers.norm import LayerNorm
 
-__all__ = ["Attention", "LayerNorm"]
+__all__ = ["Attention", "Block", "LayerNorm", "Mlp"]

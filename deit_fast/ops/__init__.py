@@ -3,8 +3,9 @@
 from deit_fast.ops.fused_attention import attention, attention_ref
 from deit_fast.ops.fused_distill_loss import distill_loss, distill_loss_ref
 from deit_fast.ops.fused_layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
+from deit_fast.ops.fused_mlp import mlp, mlp_ref
 
 __all__ = [
     "add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "distill_loss", "distill_loss_ref",
-    "layer_norm", "layer_norm_ref",
+    "layer_norm", "layer_norm_ref", "mlp", "mlp_ref",
 ]
