@@ -20,7 +20,7 @@ MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 # Op modules with Triton kernels; each defines aot_cases(capability).
 OP_MODULES = [
     "deit_fast.ops.fused_layer_norm", "deit_fast.ops.fused_attention", "deit_fast.ops.fused_distill_loss",
-    "deit_fast.ops.fused_mlp",
+    "deit_fast.ops.fused_mlp", "deit_fast.ops.fused_patch_embed",
 ]
 
 

@@ -11,7 +11,7 @@ from deit_fast import _backend
 
 # A representative input per op (DeiT-S: 198 tokens, 384 wide, 6 heads of 64) for the "which backend" column.
 _SAMPLE_SHAPES = {"layer_norm": (2, 198, 384), "attention": (2, 198, 3 * 384), "distill_loss": (256, 1000),
-                  "mlp": (2, 198, 384)}
+                  "mlp": (2, 198, 384), "patch_embed": (2, 3, 224, 224)}
 
 
 def _sample_args(op_name: str, device: torch.device, dtype: torch.dtype):
@@ -20,6 +20,8 @@ def _sample_args(op_name: str, device: torch.device, dtype: torch.dtype):
         return x, 6, 0.125
     if op_name == "distill_loss":
         return x, x, x.float(), x
+    if op_name == "patch_embed":
+        return x, torch.empty(384, 3, 16, 16, device=device, dtype=dtype)
     if op_name == "mlp":
         w1 = torch.empty(4 * x.shape[-1], x.shape[-1], device=device, dtype=dtype)
         return x, w1, None, w1.t(), None, x, None, None

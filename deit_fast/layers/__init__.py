@@ -3,5 +3,6 @@
 from deit_fast.layers.attention import Attention
 from deit_fast.layers.mlp import Block, Mlp
 from deit_fast.layers.norm import LayerNorm
+from deit_fast.layers.patch_embed import PatchEmbed
 
-__all__ = ["Attention", "Block", "LayerNorm", "Mlp"]
+__all__ = ["Attention", "Block", "LayerNorm", "Mlp", "PatchEmbed"]

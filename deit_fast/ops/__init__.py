@@ -4,8 +4,10 @@ from deit_fast.ops.fused_attention import attention, attention_ref
 from deit_fast.ops.fused_distill_loss import distill_loss, distill_loss_ref
 from deit_fast.ops.fused_layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from deit_fast.ops.fused_mlp import mlp, mlp_ref
+from deit_fast.ops.fused_patch_embed import normalize_uint8, patch_embed, patch_embed_ref, resample_pos_embed
 
 __all__ = [
     "add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "distill_loss", "distill_loss_ref",
-    "layer_norm", "layer_norm_ref", "mlp", "mlp_ref",
+    "layer_norm", "layer_norm_ref", "mlp", "mlp_ref", "normalize_uint8", "patch_embed", "patch_embed_ref",
+    "resample_pos_embed",
 ]
