@@ -76,3 +76,26 @@ def test_gpu_check_attention_targets():
     assert n198["speedups"] == {"fastest SDPA with timm's copies": 1.25, "fastest SDPA without copies": 1.125}
     assert n198["met"]
     assert "met" not in verdicts["attention-fwdbwd-bfloat16-b-N577"]  # targets are for N=198 only
+
+
+def test_gpu_check_model_targets():
+    """Whole-model rows from deit_fast.bench get speedups over timm eager/compiled and the MFU target for their
+    model."""
+    gpu_check = load_gpu_check()
+
+    def result(provider, images_per_s):
+        return {"provider": provider, "model": "deit_small_patch16_224", "mode": "train", "batch": 256,
+                "step_ms": 256 / images_per_s * 1e3, "images_per_s": images_per_s, "flops_per_image": 27.6e9,
+                "mfu": round(images_per_s * 27.6e9 / 989e12, 3)}
+
+    rows = gpu_check.model_rows([result("timm", 10000.0), result("timm_compile", 12000.0),
+                                 result("deit_fast", 14000.0), result("deit_fast_compile", 16000.0)])
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], {})[r["provider"]] = r
+    gpu_check.add_speedups(by_group)
+    (verdict,) = gpu_check.target_verdicts(by_group)
+    assert verdict["best_provider"] == "deit_fast_compile"
+    assert verdict["speedups"] == {"timm eager": 1.6, "timm under torch.compile": pytest.approx(1.333, 1e-3)}
+    assert verdict["mfu"] == pytest.approx(0.447, 1e-3) and not verdict["met"]  # MFU 44.7% < 45%
+    assert "MFU >= 45%" in verdict["target"]
