@@ -641,4 +641,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: 
         shift = (-mean_t / std_t).to(images.device, torch.float32)
     if pos_embed is not None:
         pos_embed = pos_embed.reshape(1, -1, weight.shape[0])
-    return _patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, scale, shift, bool(no_embed_class))
+    args = (images, weight, bias, pos_embed, prefix_tokens, scale, shift, bool(no_embed_class))
+    if not torch.compiler.is_compiling() and _backend.choose("patch_embed", images, weight)[0] == "reference":
+        return _forward_reference(*args)  # eager: PyTorch's autograd, without the custom op's dispatch cost
+    return _patch_embed_fwd(*args)
