@@ -39,3 +39,15 @@ def use_backend(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_tmp(tmp_path_factory):
+    """deit_fast's cache (built-in datasets, scan results) goes to a temporary folder during the tests."""
+    old = os.environ.get("DEIT_FAST_CACHE")
+    os.environ["DEIT_FAST_CACHE"] = str(tmp_path_factory.mktemp("deit_fast_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DEIT_FAST_CACHE", None)
+    else:
+        os.environ["DEIT_FAST_CACHE"] = old
