@@ -146,22 +146,25 @@ def test_sharding_across_ranks(pipeline, digits):
     assert np.array_equal(np.bincount(torch.cat(seen).numpy(), minlength=10), expected)
 
 
-def test_augmentation_statistics_match_timm(photos):
-    """DALI's training recipe and timm's (the fallback) give images with the same pixel statistics over three epochs of
-    photos: mean and standard deviation per channel within 12%. Not tighter: DALI fills pixels that geometric ops
-    uncover with 128 on every channel (timm: the mean pixel 124/116/104) and equalizes with OpenCV's formula, which
-    moved the blue channel's mean by 8% here (measured: 107.3 against 99.1)."""
+@pytest.mark.parametrize("auto_augment, tolerance", [(False, 0.06), (True, 0.10)], ids=["crop_flip", "randaugment"])
+def test_augmentation_statistics_match_timm(auto_augment, tolerance, photos):
+    """DALI's training recipe and timm's (the fallback) give images with the same pixel statistics over eight epochs
+    of photos at 64 px: per-channel mean and standard deviation within 6% with crop and flip alone, within 10% with
+    RandAugment. Measured (seed 3): crop+flip means 117.4/101.6/97.1 (DALI) against 115.8/99.0/94.1 (timm), standard
+    deviations 4-5% lower (DALI's antialiased cubic resampling smooths more than PIL's bicubic); with RandAugment
+    122.2/114.3/111.6 against 116.4/106.5/104.0: DALI fills uncovered pixels with 128 on every channel (timm: the mean
+    pixel 124/116/104), equalizes with OpenCV's formula and has no magnitude noise."""
     if dali_available():
         pytest.skip(dali_available())
     stats = {}
     for pipeline in ("dali", "torchvision"):
-        loader = build_loader(photos / "train", batch_size=16, img_size=96, train=True, pipeline=pipeline, seed=3,
-                              num_workers=1, repeated_aug=3)
-        pixels = torch.cat([images.float().reshape(-1, 3) for epoch in range(3)
+        loader = build_loader(photos / "train", batch_size=16, img_size=64, train=True, pipeline=pipeline, seed=3,
+                              num_workers=1, repeated_aug=3, auto_augment=auto_augment)
+        pixels = torch.cat([images.float().reshape(-1, 3) for epoch in range(8)
                             for images, _ in (loader.set_epoch(epoch) or loader)])
         stats[pipeline] = (pixels.mean(0), pixels.std(0))
     for a, b in zip(stats["dali"], stats["torchvision"], strict=True):
-        assert ((a - b).abs() / b).max() < 0.12, (a, b)
+        assert ((a - b).abs() / b).max() < tolerance, (a, b)
 
 
 # ---------------------------------------------------------------------------------------------- bad data

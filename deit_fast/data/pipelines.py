@@ -174,6 +174,7 @@ class DaliLoader:
         self.device_id = device_id if device == "gpu" else None
         self.num_threads, self.seed, self.auto_augment = num_threads, seed, auto_augment
         self.epoch, self.start_step, self.excluded = 0, 0, set()
+        self._live = None  # the pipeline that can serve the next epoch without a rebuild
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -191,36 +192,39 @@ class DaliLoader:
                            seed=(self.seed * 1000003 + self.epoch * 9973 + first_step) % (2**31))
         return pipe, source
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _start(self, first_step: int) -> dict:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        pipe, source = self._build(first_step)
+        iterator = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        return {"pipe": pipe, "source": source, "iterator": iterator, "next": (self.epoch, first_step)}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step, self.start_step = self.start_step, 0
         failed_step = None
         while step < len(self):
-            pipe, source = self._build(step)
-            iterator = DALIGenericIterator(pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
-                                           prepare_first_batch=False)
-            failure = None
+            # Building a pipeline (tracing the RandAugment graph) takes about a second: a pipeline that finished an
+            # epoch serves the next one (its source maps DALI's epoch counter to ours); any other start rebuilds.
+            if self._live is None or self._live["next"] != (self.epoch, step):
+                self._live = self._start(step)
+            live, self._live = self._live, None  # not reusable until this epoch has been read to its end
             try:
-                for batch in iterator:
+                for batch in live["iterator"]:
                     yield batch[0]["images"], batch[0]["labels"].view(-1).long()
                     step += 1
-                    if step >= len(self):
-                        break
-                else:
-                    break  # the source ran out before len(): nothing more this epoch
-            except RuntimeError as e:
-                failure = e
-            finally:
-                del iterator, pipe
-            if failure is not None:
+            except RuntimeError as failure:
                 if failed_step == step:  # the same batch failed again: skip it rather than retry forever
-                    warnings.warn(f"deit_fast data: skipping batch {step} of epoch {self.epoch}, which DALI could not "
-                                  f"decode twice ({str(failure).splitlines()[0][:200]})", stacklevel=2)
+                    warnings.warn(f"deit_fast data: skipping batch {step} of epoch {self.epoch}, which DALI could "
+                                  f"not decode twice ({str(failure).splitlines()[0][:200]})", stacklevel=2)
                     step += 1
-                    continue
-                failed_step = step
-                self._exclude_bad_files(source.batch_indices(self.epoch, step), failure)
+                else:
+                    failed_step = step
+                    self._exclude_bad_files(live["source"].batch_indices(self.epoch, step), failure)
+                continue
+            live["next"] = (self.epoch + 1, 0)
+            self._live = live
+            return
 
     def _exclude_bad_files(self, indices, error) -> None:
         bad = []
