@@ -72,7 +72,7 @@ def _rand_augment_ops():
 
 
 def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bool, batch_size: int,
-                num_threads: int, device_id: int | None, seed: int):
+                num_threads: int, device_id: int | None, seed: int, crop_scale=(0.08, 1.0), hflip: float = 0.5):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -84,10 +84,11 @@ def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bo
         decoder = "mixed" if device == "gpu" else "cpu"
         if train:
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                                   random_area=list(crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],
                                                    num_attempts=10)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
-            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+            if hflip > 0:
+                images = fn.flip(images, horizontal=fn.random.coin_flip(probability=hflip))
             if auto_augment:
                 from nvidia.dali.auto_aug import rand_augment
 
@@ -168,8 +169,10 @@ class DaliLoader:
     epoch goes on from that batch."""
 
     def __init__(self, samples, sampler, *, batch_size: int, size: int, train: bool, device: str = "cpu",
-                 device_id: int | None = None, num_threads: int = 2, seed: int = 0, auto_augment: bool = True):
+                 device_id: int | None = None, num_threads: int = 2, seed: int = 0, auto_augment: bool = True,
+                 crop_scale=(0.08, 1.0), hflip: float = 0.5):
         self.samples, self.sampler = samples, sampler
+        self.crop_scale, self.hflip = tuple(crop_scale), hflip
         self.batch_size, self.size, self.train, self.device = batch_size, size, train, device
         self.device_id = device_id if device == "gpu" else None
         self.num_threads, self.seed, self.auto_augment = num_threads, seed, auto_augment
@@ -189,7 +192,8 @@ class DaliLoader:
         pipe = _dali_graph(source, train=self.train, size=self.size, device=self.device,
                            auto_augment=self.auto_augment and self.train, batch_size=self.batch_size,
                            num_threads=self.num_threads, device_id=self.device_id,
-                           seed=(self.seed * 1000003 + self.epoch * 9973 + first_step) % (2**31))
+                           seed=(self.seed * 1000003 + self.epoch * 9973 + first_step) % (2**31),
+                           crop_scale=self.crop_scale, hflip=self.hflip)
         return pipe, source
 
     def _start(self, first_step: int) -> dict:
@@ -270,15 +274,35 @@ def _dali_decodes(path: str) -> str | None:
 
 class _ImageDataset(torch.utils.data.Dataset):
     """(uint8 (3, H, W), label) with timm's transforms; a file that fails to decode is logged once and replaced by
-    the next usable one, so an epoch never stops on a bad file."""
+    the next usable one, so an epoch never stops on a bad file. Items are (epoch, index): the augmentation's random
+    draws are seeded from (seed, epoch, index), so a sample is augmented the same way whichever worker reads it, and
+    a run resumed mid-epoch sees the same images as an uninterrupted one."""
 
-    def __init__(self, samples, transform):
-        self.samples, self.transform, self.failed = samples, transform, set()
+    def __init__(self, samples, transform, seed: int = 0):
+        self.samples, self.transform, self.failed, self.seed = samples, transform, set(), seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item):
+        import random
+
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2**32)
+        torch.manual_seed(sample_seed)
+        try:
+            return self._load(index)
+        finally:
+            if saved is not None:  # the main process's generators belong to the training loop
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+    def _load(self, index: int):
         from PIL import Image
 
         for offset in range(len(self.samples)):
@@ -320,42 +344,36 @@ class TorchvisionLoader:
     """The same interface over a torch DataLoader with timm's create_transform (use_prefetcher=True: uint8 output)."""
 
     def __init__(self, samples, sampler, *, batch_size: int, size: int, train: bool, num_workers: int = 2,
-                 seed: int = 0, auto_augment: bool = True, pin_memory: bool = False):
+                 seed: int = 0, auto_augment: bool = True, pin_memory: bool = False, crop_scale=(0.08, 1.0),
+                 hflip: float = 0.5):
         from timm.data import create_transform
 
         transform = create_transform(size, is_training=train, use_prefetcher=True, interpolation="bicubic",
                                      auto_augment="rand-m9-mstd0.5-inc1" if (train and auto_augment) else None,
-                                     crop_pct=EVAL_CROP_RATIO, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), re_prob=0.0)
+                                     crop_pct=EVAL_CROP_RATIO, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
+                                     hflip=hflip, re_prob=0.0)
         self.sampler, self.train, self.batch_size = sampler, train, batch_size
-        self.start_step = 0
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        self.loader = torch.utils.data.DataLoader(
-            _ImageDataset(samples, transform), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-            collate_fn=_collate, drop_last=train, pin_memory=pin_memory, worker_init_fn=_seed_worker,
-            generator=generator, persistent_workers=False)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.dataset = _ImageDataset(samples, transform, seed)
+        self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch)
-        self.start_step = start_step
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         return _steps(len(self.sampler), self.batch_size, self.train)
 
     def __iter__(self):
-        if self.start_step:
-            # Resume mid-epoch: the sampler's order is a function of the epoch, so skipping its first indices gives
-            # the same remaining batches without decoding the skipped ones.
-            skip = self.start_step * self.batch_size
-            indices = self.sampler.indices(self.sampler.epoch)[skip:]
-            loader = torch.utils.data.DataLoader(
-                self.loader.dataset, batch_size=self.batch_size, sampler=indices,
-                num_workers=self.loader.num_workers, collate_fn=_collate, drop_last=self.train,
-                pin_memory=self.loader.pin_memory, worker_init_fn=_seed_worker, generator=self.loader.generator)
-            self.start_step = 0
-            yield from loader
-        else:
-            yield from self.loader
+        # The sampler's order is a function of the epoch, so a resumed epoch skips its first indices and reads the
+        # same remaining batches without decoding the skipped ones.
+        items = [(self.epoch, i) for i in self.sampler.indices(self.epoch)[self.start_step * self.batch_size:]]
+        self.start_step = 0
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=items, num_workers=self.num_workers,
+            collate_fn=_collate, drop_last=self.train, pin_memory=self.pin_memory, worker_init_fn=_seed_worker,
+            persistent_workers=False)
+        yield from loader
 
 
 def _steps(samples: int, batch_size: int, drop_last: bool) -> int:
@@ -369,12 +387,14 @@ def _steps(samples: int, batch_size: int, drop_last: bool) -> int:
 def build_loader(root: str | os.PathLike, *, batch_size: int, img_size: int, train: bool, pipeline: str = "auto",
                  device: str = "cpu", device_id: int | None = None, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 2, repeated_aug: int = 3, auto_augment: bool = True,
-                 scan: ScanResult | None = None):
+                 crop_scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, scan: ScanResult | None = None):
     """A loader over an ImageFolder split (`root` is e.g. data/train): yields (uint8 (B, H, W, 3), int64 (B,)).
 
     pipeline: 'dali', 'torchvision', or 'auto' (DALI when it imports, else torchvision with a notice).
     device: 'gpu' decodes on the GPU with DALI ('mixed'); 'cpu' runs everything on the CPU.
     repeated_aug: RASampler's repeats in training (DeiT: 3); 0 or 1 for a plain shuffled shard.
+    auto_augment, crop_scale, hflip: the training recipe's RandAugment (on/off), random-resized-crop area range and
+    horizontal-flip probability (DeiT: on, (0.08, 1), 0.5).
     The loader has `len()` (batches per epoch on this rank), `set_epoch(epoch, start_step=0)`, and the scan result
     as `.scan` (classes, usable samples, excluded files).
     """
@@ -404,10 +424,10 @@ def build_loader(root: str | os.PathLike, *, batch_size: int, img_size: int, tra
     if pipeline == "dali":
         loader = DaliLoader(scan.samples, sampler, batch_size=batch_size, size=img_size, train=train, device=device,
                             device_id=device_id, num_threads=max(1, num_workers), seed=seed + rank,
-                            auto_augment=auto_augment)
+                            auto_augment=auto_augment, crop_scale=crop_scale, hflip=hflip)
     else:
         loader = TorchvisionLoader(scan.samples, sampler, batch_size=batch_size, size=img_size, train=train,
-                                   num_workers=num_workers, seed=seed + rank, auto_augment=auto_augment,
-                                   pin_memory=torch.cuda.is_available())
+                                   num_workers=num_workers, seed=seed, auto_augment=auto_augment,
+                                   pin_memory=torch.cuda.is_available(), crop_scale=crop_scale, hflip=hflip)
     loader.scan, loader.pipeline, loader.device_kind = scan, pipeline, device
     return loader
