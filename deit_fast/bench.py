@@ -183,8 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
                         default=list(PROVIDERS if cuda else ("timm", "deit_fast")))
     parser.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
-    parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first (compilation)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3 if cuda else 2, help="untimed steps first (compilation)")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for the *_compile providers (default: torch's default)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
