@@ -43,50 +43,50 @@ def _teacher():
     return teacher.to(memory_format=torch.channels_last) if HAS_CUDA else teacher
 
 
+def _make_step(student, teacher, prepare, loss_fn):
+    """One training step: prepare(uint8, labels) -> (input, soft targets); loss_fn(cls, dist, targets, teacher)."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
+
+    def step(images, labels):
+        x, targets = prepare(images, labels)
+        if HAS_CUDA:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32):
+            cls, dist = student(x)
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss = loss_fn(cls, dist, targets, teacher_logits)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _step_timm(student, teacher):
     mean = torch.tensor(MEAN, device=DEVICE).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=DEVICE).view(1, 3, 1, 1)
     erasing = RandomErasing(probability=0.25, mode="pixel", device=DEVICE.type)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=K)
     base = SoftTargetCrossEntropy()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
     np.random.seed(0)
 
-    def step(images, labels):
-        x = images.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
-        x, targets = mixup(erasing(x), labels)
-        if HAS_CUDA:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32):
-            cls, dist = student(x)
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            loss = 0.5 * base(cls, targets) + 0.5 * F.cross_entropy(dist, teacher_logits.argmax(dim=1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def prepare(images, labels):
+        return mixup(erasing(images.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)), labels)
 
-    return step
+    def loss_fn(cls, dist, targets, teacher_logits):  # DeiT's DistillationLoss, hard, alpha 0.5
+        return 0.5 * base(cls, targets) + 0.5 * F.cross_entropy(dist, teacher_logits.argmax(dim=1))
+
+    return _make_step(student, teacher, prepare, loss_fn)
 
 
 def _step_deit_fast(student, teacher):
     prep = BatchPrep(K, MEAN, STD, dtype=torch.float32, seed=0)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
 
-    def step(images, labels):
-        x, targets = prep(images, labels)
-        if HAS_CUDA:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32):
-            cls, dist = student(x)
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            loss = distill_loss(cls.float(), dist.float(), targets, teacher_logits.float(), "hard", 0.5, 1.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def loss_fn(cls, dist, targets, teacher_logits):
+        return distill_loss(cls.float(), dist.float(), targets, teacher_logits.float(), "hard", 0.5, 1.0)
 
-    return step
+    return _make_step(student, teacher, prep, loss_fn)
 
 
 @pytest.mark.parametrize("provider", ["timm", "deit_fast"])

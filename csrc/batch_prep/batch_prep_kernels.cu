@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../cuda_utils.cuh"
 #include "batch_prep.h"
 #include "batch_prep_math.cuh"
 
@@ -17,15 +18,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxChannels = 4;
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) batch_prep_kernel(BatchPrepParams p) {
