@@ -11,10 +11,16 @@ from deit_fast import _backend
 
 # A representative input per op (DeiT-S: 198 tokens, 384 wide, 6 heads of 64) for the "which backend" column.
 _SAMPLE_SHAPES = {"layer_norm": (2, 198, 384), "attention": (2, 198, 3 * 384), "distill_loss": (256, 1000),
-                  "mlp": (2, 198, 384), "patch_embed": (2, 3, 224, 224)}
+                  "mlp": (2, 198, 384), "patch_embed": (2, 3, 224, 224), "batch_prep": (2, 224, 224, 3)}
 
 
 def _sample_args(op_name: str, device: torch.device, dtype: torch.dtype):
+    if op_name == "batch_prep":
+        from deit_fast.ops.fused_batch_prep import BatchPrepDraws
+
+        images = torch.empty(_SAMPLE_SHAPES[op_name], device=device, dtype=torch.uint8)
+        draws = BatchPrepDraws("none", 1.0, (0, 0, 0, 0), torch.zeros(2, 4, dtype=torch.int32), 0)
+        return images, draws, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype, False
     x = torch.empty(_SAMPLE_SHAPES[op_name], device=device, dtype=dtype)
     if op_name == "attention":
         return x, 6, 0.125

@@ -604,15 +604,21 @@ def train(args, ctx: Context) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("model_ema") is not None:
-            ema.module.load_state_dict(checkpoint["model_ema"])
+        if ema is not None:
+            # A checkpoint written without EMA starts the average from the weights it holds.
+            ema_state = checkpoint.get("model_ema") or checkpoint["model"]
+            load_strict(ema.module, ema_state, f"--resume {args.resume} (model_ema)")
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
         global_step, best = checkpoint["step"], checkpoint.get("best_top1", -1.0)
         set_rng_state(checkpoint["rng"], prep)
         ctx.log(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
     if args.eval:
-        result = evaluate(ema.module if ema is not None else model, val_loader, ctx, num_classes)
+        # As DeiT's main.py: the model's own weights; the EMA's too when the checkpoint has them.
+        result = evaluate(model, val_loader, ctx, num_classes)
         ctx.log(f"top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on {result['images']} images")
+        if ema is not None and checkpoint.get("model_ema") is not None:
+            result["ema_top1"] = evaluate(ema.module, val_loader, ctx, num_classes)["top1"]
+            ctx.log(f"EMA top-1 {result['ema_top1']:.2f}%")
         return result
     if out is not None and ctx.main:
         out.mkdir(parents=True, exist_ok=True)

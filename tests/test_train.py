@@ -78,7 +78,8 @@ def test_config_file(tmp_path, capsys):
 
 def test_teacher_then_distilled_student(photos, tmp_path):
     """The default job's shape in miniature: a convnet teacher, then a hard-distilled DeiT student that loads it;
-    logs, config, checkpoints and the curves plot are written; --eval reads the checkpoint back."""
+    logs, config, checkpoints and the curves plot are written; --eval reads the checkpoint back and evaluates its
+    model weights and its EMA."""
     teacher_out = tmp_path / "teacher"
     assert train.main(tiny_args(photos, teacher_out, "--model-ema", "false", "--epochs", "1",
                                 model="resnet18")) == 0
@@ -97,6 +98,8 @@ def test_teacher_then_distilled_student(photos, tmp_path):
                                                     str(student_out / "checkpoint.pth"), "--eval")),
                          train.Context(train.parse_args(["--data-set", "DIGITS"])))
     assert result["images"] == 20
+    # As DeiT's --eval: the model's own weights (the last epoch's figure), and the EMA's beside them.
+    assert result["top1"] == pytest.approx(epochs[-1]["val_top1"]) and "ema_top1" in result
 
 
 def test_teacher_class_count_mismatch(photos, tmp_path):

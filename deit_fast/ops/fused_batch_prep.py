@@ -276,7 +276,10 @@ def batch_prep(images: Tensor, labels: Tensor, num_classes: int, draws: BatchPre
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if B and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if B and labels.device.type == "cuda":
+        # Checked on the device, so a training step never waits for the GPU here.
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(), f"labels must be in [0, {num_classes})")
+    elif B and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
     if dtype not in OUT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {dtype}")
