@@ -13,6 +13,7 @@ restores the original classes. Both return the model.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import timm
@@ -145,9 +146,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if not timm.is_model(name):
         close = [m for m in timm.list_models(name.split("_")[0] + "*")][:8]
         raise ValueError(f"unknown model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    layers = dict(embed_layer=PatchEmbed, block_fn=Block, attn_layer=Attention, mlp_layer=Mlp, norm_layer=LayerNorm)
-    for key, value in layers.items():
+    for key, value in _standard_layers(name, kwargs).items():
         kwargs.setdefault(key, value)
+    return patch(_build(name, pretrained, kwargs))
+
+
+def _build(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
@@ -156,4 +160,30 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if not isinstance(model, TimmVisionTransformer):
         raise ValueError(f"{name} builds a {type(model).__name__}, not a timm VisionTransformer; deit_fast models are "
                          "ViT/DeiT models")
-    return patch(model)
+    return model
+
+
+def _standard_layers(name: str, kwargs: dict) -> dict:
+    """The constructor slots (embed_layer, block_fn, attn_layer, mlp_layer, norm_layer) that deit_fast's layers can
+    fill without changing the architecture: those where timm's own build of `name` (made on the meta device, so no
+    memory or initialization is spent) uses the standard timm class. Entry points that choose other layers (a
+    ResPostBlock, a conv stem, a LayerNorm without bias or with eps 1e-5 as CLIP's) keep them."""
+    with torch.device("meta"):
+        probe = _build(name, False, kwargs)
+    layers = {}
+    if type(probe.patch_embed) is TimmPatchEmbed:
+        layers["embed_layer"] = PatchEmbed
+    blocks = list(probe.blocks)
+    if blocks and all(type(b) is TimmBlock for b in blocks):
+        layers["block_fn"] = Block
+        if all(type(b.attn) is TimmAttention for b in blocks):
+            layers["attn_layer"] = Attention
+        if all(type(b.mlp) is TimmMlp for b in blocks):
+            layers["mlp_layer"] = Mlp
+    norms = {(m.eps, m.elementwise_affine, m.bias is not None) for m in probe.modules()
+             if type(m) in (nn.LayerNorm, TimmLayerNorm) and len(m.normalized_shape) == 1}
+    others = [m for m in probe.modules() if "Norm" in type(m).__name__ and type(m) not in (nn.LayerNorm, TimmLayerNorm)]
+    if len(norms) == 1 and not others:
+        ((eps, affine, bias),) = norms
+        layers["norm_layer"] = functools.partial(LayerNorm, eps=eps, affine=affine, bias=bias)
+    return layers

@@ -113,6 +113,20 @@ def test_architecture_kwargs(kwargs, use_backend):
         assert_same(run(ours, x), run(theirs, x), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["vit_base_patch16_clip_224", "vit_base_patch16_rpn_224", "vit_base_patch16_xp_224",
+                                  "vit_base_mci_224"])
+def test_entry_points_keep_their_own_layers(name, use_backend):
+    """Entry points that pick other layers (CLIP's LayerNorm with eps 1e-5, a ResPostBlock, bias-free norms, a conv
+    stem) keep them: the same module kinds and norm eps as timm's model, and its outputs and gradients."""
+    use_backend("reference")
+    ours, theirs = pair(name, depth=2)
+    assert [type(m).__name__ for m in ours.modules()] == [type(m).__name__ for m in theirs.modules()]
+    assert [m.eps for m in ours.modules() if isinstance(m, torch.nn.LayerNorm)] == [
+        m.eps for m in theirs.modules() if isinstance(m, torch.nn.LayerNorm)]
+    x = torch.randn(1, 3, *theirs.patch_embed.img_size)
+    assert_same(run(ours, x), run(theirs, x), atol=2e-5, rtol=1e-4)
+
+
 def test_uint8_input(use_backend):
     """A uint8 (B, H, W, 3) batch gives the logits of the same batch normalized with the model's mean/std."""
     use_backend("triton")

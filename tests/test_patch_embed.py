@@ -150,9 +150,11 @@ def test_bad_input():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_module_matches_timm(backend, use_backend):
     """PatchEmbed loads timm's state_dict both ways (proj.weight in Conv2d shape) and matches its output and
-    gradients; a non-square image with strict_img_size=False and dynamic_img_pad too."""
+    gradients; a non-square image with strict_img_size=False and dynamic_img_pad too, and an img_size that is not a
+    multiple of the patch (timm's Conv2d drops the remainder)."""
     use_backend(backend)
     for kwargs, size in ((dict(img_size=64, patch_size=16, embed_dim=48), (64, 64)),
+                         (dict(img_size=(60, 72), patch_size=16, embed_dim=48), (60, 72)),
                          (dict(img_size=64, patch_size=16, embed_dim=48, strict_img_size=False), (48, 80)),
                          (dict(img_size=64, patch_size=16, embed_dim=48, strict_img_size=False,
                                dynamic_img_pad=True), (50, 70))):
@@ -169,6 +171,13 @@ def test_module_matches_timm(backend, use_backend):
         torch.testing.assert_close(ours.proj.weight.grad, theirs.proj.weight.grad, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="strict_img_size"):
         PatchEmbed(img_size=64, patch_size=16, embed_dim=48)(torch.randn(1, 3, 48, 64))
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        PatchEmbed(img_size=64, patch_size=16, embed_dim=48, strict_img_size=False)(torch.randn(1, 3, 50, 64))
+    ours = PatchEmbed(img_size=60, patch_size=16, embed_dim=48)
+    ours.set_normalization(MEAN, STD)
+    images = torch.randint(0, 256, (2, 60, 60, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), ours(normalize_uint8(images, MEAN, STD)), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

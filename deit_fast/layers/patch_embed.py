@@ -62,6 +62,13 @@ class PatchEmbed(TimmPatchEmbed):
                 raise ValueError("dynamic_img_pad pads normalized images with zeros; uint8 input is normalized in "
                                  "the kernel, so pad it (or resize) before the model")
             x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
+        elif H % ph or W % pw:
+            if self.img_size is not None and not self.strict_img_size:
+                raise ValueError(f"input size {H}x{W} is not divisible by the patch size {ph}x{pw} "
+                                 "(strict_img_size=False without dynamic_img_pad, as timm requires)")
+            # timm's strided Conv2d drops the last rows and columns that do not fill a patch; a view does the same.
+            Hc, Wc = H // ph * ph, W // pw * pw
+            x = x[:, :Hc, :Wc, :] if uint8 else x[..., :Hc, :Wc]
         return x, (dict(mean=self.input_mean, std=self.input_std) if uint8 else {})
 
     def forward(self, x: Tensor) -> Tensor:
