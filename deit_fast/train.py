@@ -644,7 +644,9 @@ def train(args, ctx: Context) -> dict:
             step_in_epoch = start_step
             start_step = 0
             t_epoch = time.perf_counter()
+            # Figures since the last log line; every epoch starts afresh (its last step always logs).
             t_log, waited, images_since, loss_sum = time.perf_counter(), 0.0, 0, torch.zeros((), device=ctx.device)
+            losses_since, steps_since = 0, 0
             micro = 0
             t_wait = time.perf_counter()
             for images, labels in train_loader:
@@ -674,6 +676,7 @@ def train(args, ctx: Context) -> dict:
                 micro += 1
                 images_since += images.shape[0]
                 loss_sum += loss.detach()
+                losses_since += 1
                 finite = torch.isfinite(loss.detach())
                 streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
                 if micro < args.accumulation_steps:
@@ -691,23 +694,22 @@ def train(args, ctx: Context) -> dict:
                     ema.update(model, step=global_step)
                 global_step += 1
                 step_in_epoch += 1
+                steps_since += 1
                 if global_step % args.log_every == 0 or step_in_epoch == steps_per_epoch:
                     run_streak = int(streak)  # the host reads the device here only
                     if run_streak >= args.max_non_finite:
                         raise NonFiniteLoss(f"{run_streak} non-finite losses in a row (at step {global_step}); "
                                             "stopping with the last good checkpoint kept")
                     elapsed = time.perf_counter() - t_log
-                    steps_logged = args.log_every if global_step % args.log_every == 0 else (
-                        step_in_epoch % args.log_every or args.log_every)
                     record = {"type": "step", "epoch": epoch, "step": global_step,
-                              "loss": float(loss_sum) / max(1, steps_logged * args.accumulation_steps),
+                              "loss": float(loss_sum) / max(1, losses_since),
                               "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_since / elapsed,
                               "data_wait": waited / elapsed, "non_finite_streak": run_streak}
                     if ctx.device.type == "cuda":
                         record["memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
                     logger.write(record)
-                    logger.progress(record, steps_logged)
-                    t_log, waited, images_since = time.perf_counter(), 0.0, 0
+                    logger.progress(record, steps_since)
+                    t_log, waited, images_since, losses_since, steps_since = time.perf_counter(), 0.0, 0, 0, 0
                     loss_sum.zero_()
                 if args.checkpoint_every_steps and global_step % args.checkpoint_every_steps == 0:
                     checkpoint(epoch, step_in_epoch)

@@ -127,6 +127,25 @@ def test_resume_equals_uninterrupted_run(photos, tmp_path):
     assert losses(parted) == losses(full) and len(losses(full)) == 20
 
 
+def test_logged_loss_is_the_mean_since_the_last_line(photos, tmp_path):
+    """With a line every 3 steps (10 steps an epoch, every epoch's last step also logs), each logged loss is the mean
+    of exactly the per-step losses since the line before, across epoch boundaries too."""
+    each = tmp_path / "each"
+    assert train.main(tiny_args(photos, each)) == 0
+    every3 = tmp_path / "every3"
+    argv = tiny_args(photos, every3)
+    argv[argv.index("--log-every") + 1] = "3"
+    assert train.main(argv) == 0
+    per_step = losses(each)
+    records = [r for r in map(json.loads, (every3 / "log.jsonl").read_text().splitlines()) if r["type"] == "step"]
+    assert [r["step"] for r in records] == [3, 6, 9, 10, 12, 15, 18, 20]
+    previous = 0
+    for r in records:
+        window = per_step[previous:r["step"]]
+        assert r["loss"] == pytest.approx(sum(window) / len(window), rel=1e-5), r
+        previous = r["step"]
+
+
 def test_sigkill_loses_at_most_the_steps_since_the_checkpoint(photos, tmp_path):
     """A run killed with SIGKILL mid-epoch leaves a loadable checkpoint (atomic writes) and resumes from it."""
     out = tmp_path / "killed"
