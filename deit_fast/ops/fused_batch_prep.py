@@ -197,8 +197,11 @@ def batch_prep_ref(images: Tensor, draws: BatchPrepDraws, mean: Sequence[float],
         xs = torch.arange(W, device=images.device).view(1, 1, W)
         top, left, h, w = (erase[:, i].view(B, 1, 1) for i in range(4))
         inside = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & (h > 0)
-        index = torch.arange(B * C * H * W, device=images.device, dtype=torch.int64).view(B, C, H, W)
-        v = torch.where(inside.unsqueeze(1), noise_ref(draws.seed, index), v)
+        # v is contiguous (B, C, H, W), so an element's flat position is the index the kernel hashes; noise is made
+        # for the erased elements only.
+        index = inside.unsqueeze(1).expand(B, C, H, W).reshape(-1).nonzero().squeeze(1)
+        v = v.contiguous()
+        v.view(-1)[index] = noise_ref(draws.seed, index)
     if draws.mode == "mixup":
         lam = torch.tensor(draws.lam, dtype=torch.float32)
         one_minus = torch.tensor(draws.one_minus_lam, dtype=torch.float32)
