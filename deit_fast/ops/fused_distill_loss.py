@@ -424,7 +424,11 @@ def _validate(cls_logits, dist_logits, targets, teacher_logits, distillation_typ
     elif targets.dtype in (torch.int64, torch.int32):
         if targets.shape != (B,):
             raise ValueError(f"integer targets must have shape ({B},), got {tuple(targets.shape)}")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= K):
+        if targets.numel() and targets.device.type == "cuda" and not torch.compiler.is_compiling():
+            # Checked on the device, so a training step never waits for the GPU here.
+            torch._assert_async(((targets >= 0) & (targets < K)).all(), f"integer targets must lie in [0, {K})")
+        elif targets.numel() and not torch.compiler.is_compiling() and (
+                int(targets.min()) < 0 or int(targets.max()) >= K):
             raise ValueError(f"integer targets must lie in [0, {K}), got values in "
                              f"[{int(targets.min())}, {int(targets.max())}]")
     else:
