@@ -207,9 +207,14 @@ class Context:
         self.dtype = getattr(torch, name)
         self.main = self.rank == 0
 
+    bar = None  # the progress bar while one is on the terminal: lines go above it
+
     def log(self, *parts) -> None:
         if self.main:
-            print(*parts, flush=True)
+            if self.bar is not None:
+                self.bar.write(" ".join(map(str, parts)))
+            else:
+                print(*parts, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -471,7 +476,7 @@ def throughput(model, ctx: Context, batch_size: int, img_size: int) -> float:
 class Logger:
     """log.jsonl (rank 0), a progress bar on a terminal or plain lines elsewhere."""
 
-    def __init__(self, ctx: Context, out: Path | None, total_steps: int):
+    def __init__(self, ctx: Context, out: Path | None, total_steps: int, done_steps: int = 0):
         self.ctx, self.file, self.bar = ctx, None, None
         if ctx.main and out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -479,7 +484,7 @@ class Logger:
         if ctx.main and sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            self.bar = ctx.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True)
 
     def write(self, record: dict) -> None:
         if self.file is not None:
@@ -500,6 +505,7 @@ class Logger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.ctx.bar = None
         if self.file is not None:
             self.file.close()
 
@@ -635,7 +641,7 @@ def train(args, ctx: Context) -> dict:
                      "step_in_epoch": step_in_epoch, "step": global_step, "best_top1": best, "args": vars(args),
                      "rng": rng_state(prep)}, out / name)
 
-    logger = Logger(ctx, out, args.epochs * steps_per_epoch)
+    logger = Logger(ctx, out, args.epochs * steps_per_epoch, global_step)
     result = {}
     try:
         for epoch in range(start_epoch, args.epochs):
