@@ -141,14 +141,14 @@ def test_sharding_across_ranks(pipeline, digits):
     assert np.array_equal(np.bincount(torch.cat(seen).numpy(), minlength=10), expected)
 
 
-@pytest.mark.parametrize("auto_augment, tolerance", [(False, 0.08), (True, 0.10)], ids=["crop_flip", "randaugment"])
+@pytest.mark.parametrize("auto_augment, tolerance", [(False, 0.04), (True, 0.08)], ids=["crop_flip", "randaugment"])
 def test_augmentation_statistics_match_timm(auto_augment, tolerance, photos):
     """DALI's training recipe and timm's (the fallback) give images with the same pixel statistics over eight epochs
-    of photos at 64 px: per-channel mean and standard deviation within 8% with crop and flip alone, within 10% with
-    RandAugment. Measured (seed 3): crop+flip means 117.4/101.6/97.1 (DALI) against 115.8/99.0/94.1 (timm), standard
-    deviations 4-6% lower (DALI's antialiased cubic resampling smooths more than PIL's bicubic); with RandAugment
-    122.2/114.3/111.6 against 116.4/106.5/104.0: DALI fills uncovered pixels with 128 on every channel (timm: the mean
-    pixel 124/116/104), equalizes with OpenCV's formula and has no magnitude noise."""
+    of photos at 64 px: per-channel mean and standard deviation within 4% with crop and flip alone, within 8% with
+    RandAugment. Measured (seed 3): crop+flip means 117.4/101.6/97.1 (DALI) against 117.8/101.4/98.7 (timm), standard
+    deviations within 1%; with RandAugment 122.2/114.3/111.6 against 119.0/108.7/107.3, deviations 3-5% lower: DALI
+    fills uncovered pixels with 128 on every channel (timm: the mean pixel 124/116/104), equalizes with OpenCV's
+    formula and has no magnitude noise."""
     if dali_available():
         pytest.skip(dali_available())
     stats = {}

@@ -3,7 +3,9 @@ one interface. Both yield (images, labels): images uint8 (B, H, W, 3), labels in
 mode and on the CPU otherwise; normalization, random erasing and mixup happen afterwards in deit_fast.ops.batch_prep.
 
 Training recipe (DeiT's, as timm's create_transform builds it): random-resized crop (scale 0.08-1, ratio 3/4-4/3)
-with bicubic resizing, horizontal flip, RandAugment rand-m9-mstd0.5-inc1. Evaluation: resize the shorter side to
+with bicubic resizing, horizontal flip, RandAugment rand-m9-mstd0.5-inc1. No color jitter in either pipeline: DeiT's
+recipe has none (timm turns it off under RandAugment), and with RandAugment off the fallback is not given timm's
+default jitter of 0.4 either, so both pipelines stay one recipe. Evaluation: resize the shorter side to
 size / 0.875 (bicubic), center crop. Which images a rank reads each epoch comes from a sampler (RASampler for repeated
 augmentation, else a shuffled shard); training drops the last partial batch.
 
@@ -351,7 +353,7 @@ class TorchvisionLoader:
         transform = create_transform(size, is_training=train, use_prefetcher=True, interpolation="bicubic",
                                      auto_augment="rand-m9-mstd0.5-inc1" if (train and auto_augment) else None,
                                      crop_pct=EVAL_CROP_RATIO, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
-                                     hflip=hflip, re_prob=0.0)
+                                     hflip=hflip, re_prob=0.0, color_jitter=None)
         self.sampler, self.train, self.batch_size = sampler, train, batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.dataset = _ImageDataset(samples, transform, seed)
