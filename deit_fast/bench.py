@@ -200,10 +200,16 @@ def main(argv=None) -> int:
         parser.error("--device cuda, but CUDA is not available")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = peak_flops(device, dtype)
+    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"CPU ({torch.get_num_threads()} threads)", "dtype": str(dtype).removeprefix("torch."),
+            "peak_tflops": round(peak / 1e12, 2), "steps": args.steps, "warmup": args.warmup}
     results = []
     for name in args.models:
         for mode in args.modes:
             row = {}
+            # The outputs are rewritten after every measurement, so a run cut short (the GPU check's time limit)
+            # keeps what it measured.
             for provider in args.providers:
                 r = measure(provider, name, mode, args.batch_size, device, dtype, args.steps, args.warmup,
                             args.compile_mode)
@@ -215,17 +221,14 @@ def main(argv=None) -> int:
                 results.append(r)
                 print(f"{name} {mode} {provider}: {r['images_per_s']} images/s, {r['step_ms']} ms/step, "
                       f"MFU {r['mfu']}", flush=True)
+                write_outputs(results, meta, Path(args.out))
             if "timm" in row:
                 for r in row.values():
                     r["speedup_vs_timm"] = round(r["images_per_s"] / row["timm"]["images_per_s"], 3)
             if "timm_compile" in row:
                 for r in row.values():
                     r["speedup_vs_timm_compile"] = round(r["images_per_s"] / row["timm_compile"]["images_per_s"], 3)
-    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"CPU ({torch.get_num_threads()} threads)", "dtype": str(dtype).removeprefix("torch."),
-            "peak_tflops": round(peak / 1e12, 2), "steps": args.steps, "warmup": args.warmup}
-    paths = write_outputs(results, meta, Path(args.out))
+            paths = write_outputs(results, meta, Path(args.out))
     print("\n" + paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -36,3 +36,21 @@ def test_bad_arguments():
         bench.main(["--batch-size", "0"])
     with pytest.raises(SystemExit):
         bench.main(["--steps", "0"])
+
+
+def test_results_survive_a_cut_run(tmp_path, monkeypatch):
+    """The outputs are rewritten after every measurement, so a run stopped part-way (the GPU check's time limit)
+    keeps what it measured."""
+    measure = bench.measure
+
+    def measure_then_stop(provider, *args):
+        if provider == "deit_fast":
+            raise KeyboardInterrupt
+        return measure(provider, *args)
+
+    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--models", "deit_tiny_patch16_224", "--batch-size", "1", "--steps", "1", "--warmup", "0",
+                    "--modes", "infer", "--out", str(tmp_path)])
+    (result_json,) = tmp_path.glob("bench-*.json")
+    assert [r["provider"] for r in json.loads(result_json.read_text())["results"]] == ["timm"]

@@ -99,3 +99,21 @@ def test_gpu_check_model_targets():
     assert verdict["speedups"] == {"timm eager": 1.6, "timm under torch.compile": pytest.approx(1.333, 1e-3)}
     assert verdict["mfu"] == pytest.approx(0.447, 1e-3) and not verdict["met"]  # MFU 44.7% < 45%
     assert "MFU >= 45%" in verdict["target"]
+
+
+def test_step_timeouts_share_the_budget():
+    """Each step gets its weighted share of what is left (so the last benchmark suites still get time after a slow
+    build), capped, and never under 10 s."""
+    gpu_check = load_gpu_check()
+    w = gpu_check.STEP_WEIGHTS
+    plan = [w["build"], w["info"], w["gpu_tests"], w["models"]] + [w["suite"]] * 7
+    build = gpu_check.step_timeout(520, plan[0], plan, cap=300)
+    assert build == pytest.approx(520 * w["build"] / sum(plan)) and 100 < build < 300
+    # After the build, the info step and the GPU tests used their whole shares, the last suite still gets a share.
+    left = 520 - build
+    for i in (1, 2, 3):
+        used = gpu_check.step_timeout(left, plan[i], plan[i:], cap=300)
+        left -= used
+    assert gpu_check.step_timeout(left, w["suite"], plan[4:], cap=120) == pytest.approx(left / 7)
+    assert gpu_check.step_timeout(1000, 1.0, [1.0], cap=120) == 120
+    assert gpu_check.step_timeout(5, 1.0, [1.0, 1.0], cap=120) == 10
