@@ -282,18 +282,27 @@ def build_model(name: str, num_classes: int, args, img_size: int | None = None):
         raise SystemExit(f"cannot build model {name!r} with {kwargs}: {e}") from e
 
 
-def load_weights(path: str) -> dict:
+def read_checkpoint(path: str):
+    """torch.load(weights_only=True) with errors that name the file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise SystemExit(f"checkpoint {path} does not exist") from e
     except Exception as e:  # pickle errors, truncated files
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def model_state(checkpoint, path: str) -> dict:
+    """The model's state_dict in a deit_fast or DeiT-style {'model': ...} checkpoint, or a bare state_dict."""
     if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
         return checkpoint["model"]
     if not isinstance(checkpoint, dict):
         raise SystemExit(f"{path} holds a {type(checkpoint).__name__}, not a state_dict or {{'model': state_dict}}")
     return checkpoint
+
+
+def load_weights(path: str) -> dict:
+    return model_state(read_checkpoint(path), path)
 
 
 def load_strict(model, state: dict, source: str) -> None:
@@ -597,6 +606,18 @@ def train(args, ctx: Context) -> dict:
 
     start_epoch, start_step, global_step, best = 0, 0, 0, -1.0
     streak = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    if args.eval:
+        # As DeiT's main.py: the model's own weights, from a deit_fast checkpoint, a DeiT-style {'model': ...} one or
+        # a bare state_dict; the EMA's too when the checkpoint has them.
+        checkpoint = read_checkpoint(args.resume)
+        load_strict(model, model_state(checkpoint, args.resume), f"--resume {args.resume}")
+        result = evaluate(model, val_loader, ctx, num_classes)
+        ctx.log(f"top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on {result['images']} images")
+        if ema is not None and isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_ema"), dict):
+            load_strict(ema.module, checkpoint["model_ema"], f"--resume {args.resume} (model_ema)")
+            result["ema_top1"] = evaluate(ema.module, val_loader, ctx, num_classes)["top1"]
+            ctx.log(f"EMA top-1 {result['ema_top1']:.2f}%")
+        return result
     if args.resume:
         try:
             checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
@@ -618,14 +639,6 @@ def train(args, ctx: Context) -> dict:
         global_step, best = checkpoint["step"], checkpoint.get("best_top1", -1.0)
         set_rng_state(checkpoint["rng"], prep)
         ctx.log(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
-    if args.eval:
-        # As DeiT's main.py: the model's own weights; the EMA's too when the checkpoint has them.
-        result = evaluate(model, val_loader, ctx, num_classes)
-        ctx.log(f"top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on {result['images']} images")
-        if ema is not None and checkpoint.get("model_ema") is not None:
-            result["ema_top1"] = evaluate(ema.module, val_loader, ctx, num_classes)["top1"]
-            ctx.log(f"EMA top-1 {result['ema_top1']:.2f}%")
-        return result
     if out is not None and ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(vars(args), indent=1, default=list))

@@ -79,7 +79,7 @@ def test_config_file(tmp_path, capsys):
 def test_teacher_then_distilled_student(photos, tmp_path):
     """The default job's shape in miniature: a convnet teacher, then a hard-distilled DeiT student that loads it;
     logs, config, checkpoints and the curves plot are written; --eval reads the checkpoint back and evaluates its
-    model weights and its EMA."""
+    model weights and its EMA, and takes DeiT-style and bare state_dict files too."""
     teacher_out = tmp_path / "teacher"
     assert train.main(tiny_args(photos, teacher_out, "--model-ema", "false", "--epochs", "1",
                                 model="resnet18")) == 0
@@ -100,6 +100,14 @@ def test_teacher_then_distilled_student(photos, tmp_path):
     assert result["images"] == 20
     # As DeiT's --eval: the model's own weights (the last epoch's figure), and the EMA's beside them.
     assert result["top1"] == pytest.approx(epochs[-1]["val_top1"]) and "ema_top1" in result
+    # A DeiT-style {'model': state_dict} file and a bare state_dict evaluate the same weights.
+    weights = torch.load(student_out / "checkpoint.pth", weights_only=True)["model"]
+    for name, content in (("deit_style.pth", {"model": weights}), ("state_dict.pth", weights)):
+        torch.save(content, tmp_path / name)
+        other = train.train(train.parse_args(tiny_args(photos, student_out, "--resume", str(tmp_path / name),
+                                                       "--eval")),
+                            train.Context(train.parse_args(["--data-set", "DIGITS"])))
+        assert other["top1"] == result["top1"] and "ema_top1" not in other
 
 
 def test_teacher_class_count_mismatch(photos, tmp_path):
