@@ -9,8 +9,11 @@ attention products of each block, heads; a training step is 3x the forward) per 
 measured in the same run as the best of a few large matrix products in the same dtype.
 
 On a GPU the default is DeiT-Ti/S/B and DeiT-S distilled at batch 256; on a CPU a small preset (DeiT-Ti, batch 4,
-eager providers only; pass --providers to add the compiled ones). Writes a JSON, a Markdown table and a bar chart
-(PNG, matplotlib) of the speedups over timm eager into --out.
+eager providers only; pass --providers to add the compiled ones). Every step is timed on its own; a figure is the
+median step over --rounds rounds (1 on a GPU, 3 on a CPU, whose run-to-run noise is larger) that run the providers
+in alternating order; on a CPU (--interleave) their steps alternate within a round as well, since a 2-core machine's
+speed drifts by more than the differences measured (0.79x-1.13x in block-wise runs of the same two models). Writes
+a JSON, a Markdown table and a bar chart (PNG, matplotlib) of the speedups over timm eager into --out.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import gc
 import json
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -87,10 +91,9 @@ def _loss(out, target):
     return F.cross_entropy(out.float(), target)
 
 
-def measure(provider: str, name: str, mode: str, batch: int, device: torch.device, dtype: torch.dtype, steps: int,
-            warmup: int, compile_mode: str | None) -> dict:
-    """Seconds per step, images/s and peak memory of one provider on one model and mode."""
-    torch._dynamo.reset()
+def prepare(provider: str, name: str, mode: str, batch: int, device: torch.device, dtype: torch.dtype,
+            warmup: int, compile_mode: str | None):
+    """One provider's model on one mode, warmed up: (step function, result fields without timings)."""
     model, runner = _build(provider, name, device, compile_mode)
     img_size = model.patch_embed.img_size[0]
     x = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -115,19 +118,59 @@ def measure(provider: str, name: str, mode: str, batch: int, device: torch.devic
     for _ in range(warmup):
         step()
     _sync(device)
+    fields = {"provider": provider, "model": name, "mode": mode, "batch": batch, "img_size": img_size,
+              "flops_per_image": model_flops(model, img_size) * (3 if mode == "train" else 1)}
+    return step, fields
+
+
+def _timed(step, device) -> float:
+    """Milliseconds of one synchronized step: a stall of the machine moves one sample, not the figure."""
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return round((time.perf_counter() - t0) * 1e3, 3)
+
+
+def measure(provider: str, name: str, mode: str, batch: int, device: torch.device, dtype: torch.dtype, steps: int,
+            warmup: int, compile_mode: str | None) -> dict:
+    """Step times and peak memory of one provider on one model and mode, measured alone."""
+    torch._dynamo.reset()
+    step, result = prepare(provider, name, mode, batch, device, dtype, warmup, compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - t0) / steps
-    result = {"provider": provider, "model": name, "mode": mode, "batch": batch, "img_size": img_size,
-              "step_ms": round(seconds * 1e3, 3), "images_per_s": round(batch / seconds, 1),
-              "flops_per_image": model_flops(model, img_size) * (3 if mode == "train" else 1)}
+    result["step_times_ms"] = [_timed(step, device) for _ in range(steps)]
     if device.type == "cuda":
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result
+
+
+def measure_interleaved(providers, name: str, mode: str, batch: int, device: torch.device, dtype: torch.dtype,
+                        steps: int, warmup: int, compile_mode: str | None) -> list[dict]:
+    """Step times of several providers whose steps alternate (A B, B A, A B, ...), so a machine whose speed drifts
+    over seconds (a busy or thermally throttled CPU) affects all of them alike. All models are alive at once, so no
+    peak memory is reported: use measure() for that."""
+    torch._dynamo.reset()
+    prepared = [prepare(p, name, mode, batch, device, dtype, warmup, compile_mode) for p in providers]
+    for _, result in prepared:
+        result["step_times_ms"] = []
+    for k in range(steps):
+        for step, result in (prepared if k % 2 == 0 else prepared[::-1]):
+            result["step_times_ms"].append(_timed(step, device))
+    return [result for _, result in prepared]
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One provider's measurements over several rounds as one result: the median of every timed step, its
+    images/s, the spread (interquartile range of the steps, in ms) and the highest peak memory."""
+    times = sorted(t for r in rounds for t in r["step_times_ms"])
+    median = statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    merged = {k: v for k, v in rounds[0].items() if k not in ("step_times_ms", "peak_memory_gb")}
+    merged.update(step_ms=round(median, 3), step_iqr_ms=round(quartiles[2] - quartiles[0], 3),
+                  images_per_s=round(merged["batch"] / (median / 1e3), 1), rounds=len(rounds), steps=len(times))
+    if "peak_memory_gb" in rounds[0]:
+        merged["peak_memory_gb"] = max(r["peak_memory_gb"] for r in rounds)
+    return merged
 
 
 def write_outputs(results: list[dict], meta: dict, out: Path) -> dict[str, Path]:
@@ -138,13 +181,15 @@ def write_outputs(results: list[dict], meta: dict, out: Path) -> dict[str, Path]
     paths["json"].write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"# deit_fast.bench, {meta['date']}, {meta['device']}", "",
              f"torch {meta['torch']}, dtype {meta['dtype']}, peak {meta['peak_tflops']} TFLOP/s (measured matmul), "
-             f"steps {meta['steps']} after {meta['warmup']} warm-up", "",
-             "| model | mode | batch | provider | ms/step | images/s | vs timm | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{meta['rounds']} round(s) over the providers in alternating order"
+             f"{' with their steps interleaved' if meta['interleave'] else ''}, each {meta['steps']} timed steps "
+             f"after {meta['warmup']} warm-up; ms/step is the median step, IQR the interquartile range of the steps",
+             "", "| model | mode | batch | provider | ms/step | IQR ms | images/s | vs timm | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['provider']} | {r['step_ms']} | "
-                     f"{r['images_per_s']} | {r.get('speedup_vs_timm', '')} | {r.get('mfu', '')} | "
-                     f"{r.get('peak_memory_gb', '')} |")
+                     f"{r['step_iqr_ms']} | {r['images_per_s']} | {r.get('speedup_vs_timm', '')} | "
+                     f"{r.get('mfu', '')} | {r.get('peak_memory_gb', '')} |")
     paths["md"].write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -184,13 +229,18 @@ def main(argv=None) -> int:
                         default=list(PROVIDERS if cuda else ("timm", "deit_fast")))
     parser.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=1 if cuda else 3,
+                        help="rounds over the providers, in alternating order; each figure is the median step of all")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=not cuda,
+                        help="alternate the providers' steps within a round (default on CPUs, whose speed drifts; "
+                             "off on GPUs, where each provider runs alone so that its peak memory is its own)")
     parser.add_argument("--warmup", type=int, default=3 if cuda else 2, help="untimed steps first (compilation)")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for the *_compile providers (default: torch's default)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
     args = parser.parse_args(argv)
-    for name, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
+    for name, value in (("--batch-size", args.batch_size), ("--steps", args.steps), ("--rounds", args.rounds)):
         if value < 1:
             parser.error(f"{name} must be at least 1, got {value}")
     if args.warmup < 0:
@@ -203,25 +253,42 @@ def main(argv=None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"CPU ({torch.get_num_threads()} threads)", "dtype": str(dtype).removeprefix("torch."),
-            "peak_tflops": round(peak / 1e12, 2), "steps": args.steps, "warmup": args.warmup}
+            "peak_tflops": round(peak / 1e12, 2), "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+            "interleave": args.interleave}
     results = []
     for name in args.models:
         for mode in args.modes:
+            measured = {p: [] for p in args.providers}
             row = {}
-            # The outputs are rewritten after every measurement, so a run cut short (the GPU check's time limit)
-            # keeps what it measured.
-            for provider in args.providers:
-                r = measure(provider, name, mode, args.batch_size, device, dtype, args.steps, args.warmup,
-                            args.compile_mode)
-                gc.collect()  # the previous provider's model, optimizer and activations
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                r["mfu"] = round(r["images_per_s"] * r["flops_per_image"] / peak, 3)
-                row[provider] = r
-                results.append(r)
-                print(f"{name} {mode} {provider}: {r['images_per_s']} images/s, {r['step_ms']} ms/step, "
-                      f"MFU {r['mfu']}", flush=True)
-                write_outputs(results, meta, Path(args.out))
+            # Rounds alternate the providers' order (a machine that drifts, e.g. a CPU warming up, favours none),
+            # with --interleave their steps alternate too, and the outputs are rewritten after every measurement, so
+            # a run cut short (the GPU check's time limit) keeps what it measured.
+            for k in range(args.rounds):
+                order = args.providers if k % 2 == 0 else args.providers[::-1]
+                if args.interleave:
+                    batches = [measure_interleaved(order, name, mode, args.batch_size, device, dtype, args.steps,
+                                                   args.warmup, args.compile_mode)]
+                else:
+                    batches = ([measure(p, name, mode, args.batch_size, device, dtype, args.steps, args.warmup,
+                                        args.compile_mode)] for p in order)
+                for measured_now in batches:
+                    gc.collect()  # the previous provider's model, optimizer and activations
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    for m in measured_now:
+                        provider = m["provider"]
+                        measured[provider].append(m)
+                        r = merge_rounds(measured[provider])
+                        r["mfu"] = round(r["images_per_s"] * r["flops_per_image"] / peak, 3)
+                        row[provider] = r
+                        results = [x for x in results
+                                   if (x["model"], x["mode"], x["provider"]) != (name, mode, provider)]
+                        results.append(r)
+                        print(f"{name} {mode} {provider} (round {k + 1}/{args.rounds}): {r['images_per_s']} "
+                              f"images/s, {r['step_ms']} ms/step (median), MFU {r['mfu']}", flush=True)
+                    write_outputs(results, meta, Path(args.out))
+            results = [x for x in results if (x["model"], x["mode"]) != (name, mode)]
+            results += [row[p] for p in args.providers]
             if "timm" in row:
                 for r in row.values():
                     r["speedup_vs_timm"] = round(r["images_per_s"] / row["timm"]["images_per_s"], 3)

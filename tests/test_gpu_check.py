@@ -83,22 +83,47 @@ def test_gpu_check_model_targets():
     model."""
     gpu_check = load_gpu_check()
 
-    def result(provider, images_per_s):
+    def result(provider, images_per_s, peak=20.0):
         return {"provider": provider, "model": "deit_small_patch16_224", "mode": "train", "batch": 256,
                 "step_ms": 256 / images_per_s * 1e3, "images_per_s": images_per_s, "flops_per_image": 27.6e9,
-                "mfu": round(images_per_s * 27.6e9 / 989e12, 3)}
+                "mfu": round(images_per_s * 27.6e9 / 989e12, 3), "peak_memory_gb": peak}
 
-    rows = gpu_check.model_rows([result("timm", 10000.0), result("timm_compile", 12000.0),
-                                 result("deit_fast", 14000.0), result("deit_fast_compile", 16000.0)])
-    by_group = {}
-    for r in rows:
-        by_group.setdefault(r["group"], {})[r["provider"]] = r
-    gpu_check.add_speedups(by_group)
-    (verdict,) = gpu_check.target_verdicts(by_group)
+    def verdict_of(results):
+        rows = gpu_check.model_rows(results)
+        by_group = {}
+        for r in rows:
+            by_group.setdefault(r["group"], {})[r["provider"]] = r
+        gpu_check.add_speedups(by_group)
+        (verdict,) = gpu_check.target_verdicts(by_group)
+        return verdict
+
+    verdict = verdict_of([result("timm", 10000.0), result("timm_compile", 12000.0), result("deit_fast", 14000.0),
+                          result("deit_fast_compile", 16000.0, peak=19.5)])
     assert verdict["best_provider"] == "deit_fast_compile"
     assert verdict["speedups"] == {"timm eager": 1.6, "timm under torch.compile": pytest.approx(1.333, 1e-3)}
     assert verdict["mfu"] == pytest.approx(0.447, 1e-3) and not verdict["met"]  # MFU 44.7% < 45%
-    assert "MFU >= 45%" in verdict["target"]
+    assert "MFU >= 45%" in verdict["target"] and verdict["peak_memory_gb"] == (19.5, 20.0)
+    fast = [result("timm", 10000.0), result("timm_compile", 12000.0), result("deit_fast_compile", 16500.0)]
+    assert verdict_of(fast)["met"]
+    fast[-1]["peak_memory_gb"] = 20.5  # faster, but more memory than timm's: the target is missed
+    assert not verdict_of(fast)["met"]
+
+
+def test_gpu_check_saved_memory_target():
+    """The MLP half must save no more for the backward than timm's (saved_mb from the benchmark)."""
+    gpu_check = load_gpu_check()
+
+    def bench(provider, us, saved):
+        return {"group": "mlp_half-fwdbwd-bfloat16-deit_small", "extra_info": {
+            "provider": provider, "backend": provider, "op": "mlp_half", "mode": "fwdbwd", "median_us": us,
+            "saved_mb": saved}}
+
+    for ours, met in ((100.0, True), (200.0, False)):
+        raw = {"benchmarks": [bench("timm", 200.0, 180.0), bench("timm_compile", 120.0, 150.0),
+                              bench("deit_fast", 100.0, ours)]}
+        _, by_group = gpu_check.summarize_benchmarks(raw)
+        (verdict,) = gpu_check.target_verdicts(by_group)
+        assert verdict["saved_mb"] == (ours, 180.0) and verdict["met"] is met
 
 
 def test_step_timeouts_share_the_budget():
