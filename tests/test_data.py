@@ -220,6 +220,61 @@ def test_scan_excludes_bad_files_once(bad_tree, monkeypatch):
     assert opened == []
 
 
+@pytest.fixture
+def formats_tree(tmp_path):
+    """One class per image format both pipelines decode (the same 36x46 picture, saved in each), some under names
+    that do not say their format, plus a text file that starts like a BMP."""
+    y, x = np.mgrid[0:36, 0:46] / 36.0
+    picture = Image.fromarray((np.stack([y, x, 0.5 + 0.5 * np.sin(6 * (x + y))], -1) * 200 + 20).astype(np.uint8))
+    saves = {
+        "bmp/a.bmp": (picture, "BMP", {}), "bmp_gray/a.bmp": (picture.convert("L"), "BMP", {}),
+        "webp/a.webp": (picture, "WEBP", {"lossless": True}), "webp_rgba/a.jpg": (picture.convert("RGBA"), "WEBP",
+                                                                                   {"lossless": True}),
+        "tiff/a.tif": (picture, "TIFF", {"compression": "tiff_lzw"}), "pgm/a.pgm": (picture.convert("L"), "PPM", {}),
+        "ppm/a.ppm": (picture, "PPM", {}), "jp2/a.jp2": (picture, "JPEG2000", {"irreversible": False}),
+        "png_palette/a.png": (picture.convert("P"), "PNG", {}), "png_rgba/a.png": (picture.convert("RGBA"), "PNG", {}),
+    }
+    root = tmp_path / "formats"
+    for rel, (image, fmt, kw) in saves.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / rel, fmt, **kw)
+    (root / "bmp" / "fake.bmp").write_bytes(b"BM but not a bitmap at all" * 10)
+    return root, picture
+
+
+def test_scan_keeps_every_format_both_pipelines_decode(formats_tree):
+    """BMP, WebP, TIFF, PNM, JPEG 2000, palette and RGBA PNG are kept (by content, whatever the name); a file that
+    only starts like one is excluded with its reason."""
+    root, _ = formats_tree
+    with pytest.warns(UserWarning, match="fake.bmp"):
+        result = scan_imagefolder(root)
+    assert len(result.samples) == 10 and not result.empty_classes
+    assert [os.path.basename(p) for p, _ in result.bad] == ["fake.bmp"] and "BMP" in result.bad[0][1]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipelines_decode_every_kept_format(pipeline, formats_tree):
+    """Both pipelines read every kept format to RGB: each evaluation image is PIL's reading of the file (all formats
+    here are lossless, so that is the picture, quantized for the palette and gray ones), center-cropped. At 32 px
+    the recipe resizes the shorter side to 36, the picture's own, so no resampling blurs a decoding difference."""
+    root, picture = formats_tree
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = build_loader(root, batch_size=10, img_size=32, train=False, pipeline=pipeline, num_workers=1)
+        images, labels = next(iter(loader))
+    assert images.shape == (10, 32, 32, 3) and labels.tolist() == list(range(10))
+
+    def expected(image):  # the evaluation recipe: shorter side to int(32 / 0.875) = 36 (as it is), center crop 32
+        return torch.from_numpy(np.array(image.convert("RGB").crop((7, 2, 39, 34)))).float()
+
+    for image, (path, _) in zip(images, loader.scan.samples, strict=True):
+        with Image.open(path) as stored:
+            want = expected(stored)
+        if os.path.basename(os.path.dirname(path)) in ("bmp", "webp", "tiff", "ppm", "jp2"):
+            assert want.equal(expected(picture))  # lossless RGB: the picture itself
+        assert (image.float() - want).abs().max() <= 1.0, path
+
+
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_pipelines_survive_bad_files(pipeline, bad_tree):
     """An epoch over the bad tree completes with RGB batches, also when the scan is bypassed and a truncated file

@@ -1,13 +1,13 @@
 """A fast, cached scan of an ImageFolder tree (`root/<class>/<image>`) that finds the files a run cannot use.
 
-Each file is checked once: its first bytes must be JPEG or PNG (by content, whatever its name: PNG data named .jpg is
-used; GIF and other formats are not, since DALI's decoders do not take them), and it must decode: JPEGs are decoded at
-1/8 scale (libjpeg's DCT scaling, still a full pass over the entropy-coded data, so truncation and corruption show),
-PNGs fully. Grayscale and CMYK JPEGs pass (both pipelines decode them to RGB). Results are cached by file size and
+Each file is checked once: its first bytes must be one of the formats both pipelines decode (DALI's image decoders
+and PIL): JPEG, PNG, BMP, WebP, TIFF, PNM or JPEG 2000, recognised by content whatever the file's name (PNG data named
+.jpg is used; GIF is not, since DALI has no GIF decoder), and it must decode: JPEGs at 1/8 scale (libjpeg's DCT
+scaling, still a full pass over the entropy-coded data, so truncation and corruption show), the others fully.
+Grayscale, palette, RGBA and CMYK images pass (both pipelines decode them to RGB). Results are cached by file size and
 modification time in a JSON file per tree, so a second scan only opens new or changed files. Bad files are returned
 with their reason; `scan_imagefolder` warns once with the list. Class folders without a usable file keep their index
-(labels stay those of the full class list) and are reported.
-"""
+(labels stay those of the full class list) and are reported."""
 
 from __future__ import annotations
 
@@ -19,8 +19,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-SCAN_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+                    ".pnm", ".jp2", ".j2k")
+SCAN_VERSION = 2  # 2: BMP, WebP, TIFF, PNM and JPEG 2000 are usable (1 excluded them)
+
+
+def image_format(head: bytes) -> str | None:
+    """The format of a file from its first 16 bytes, among those both pipelines decode; None for any other."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:1] == b"P" and head[1:2] in b"123456" and head[2:3] in (b" ", b"\t", b"\n", b"\r"):
+        return "PNM"
+    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
+        return "JPEG 2000"
+    return None
 
 
 def cache_dir() -> Path:
@@ -45,7 +65,7 @@ class ScanResult:
 
 
 def check_image(path: str) -> str | None:
-    """None when the file is a decodable JPEG or PNG, else why it is not usable."""
+    """None when the file is an image both pipelines decode, else why it is not usable."""
     from PIL import Image
 
     try:
@@ -55,14 +75,11 @@ def check_image(path: str) -> str | None:
         return f"unreadable ({e.strerror or e})"
     if not head:
         return "empty file"
-    if head[:3] == b"\xff\xd8\xff":
-        kind = "JPEG"
-    elif head[:8] == b"\x89PNG\r\n\x1a\n":
-        kind = "PNG"
-    elif head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF data (only JPEG and PNG are decoded by both pipelines)"
-    else:
-        return "not a JPEG or PNG file"
+    kind = image_format(head)
+    if kind is None:
+        if head[:6] in (b"GIF87a", b"GIF89a"):
+            return "GIF data (DALI has no GIF decoder)"
+        return "not an image format both pipelines decode (JPEG, PNG, BMP, WebP, TIFF, PNM, JPEG 2000)"
     try:
         with Image.open(path) as image:
             if kind == "JPEG":
@@ -151,5 +168,6 @@ def scan_imagefolder(root: str | os.PathLike, *, use_cache: bool = True, workers
         warnings.warn(f"deit_fast: {len(result.bad)} unusable file(s) excluded and {len(result.empty_classes)} empty "
                       f"class folder(s) in {root}:\n{result.report()}", stacklevel=2)
     if not result.samples:
-        raise ValueError(f"{root} has no usable images (JPEG or PNG) in {len(classes)} class folders")
+        raise ValueError(f"{root} has no usable images in {len(classes)} class folders (of {len(candidates)} "
+                         f"files with image names)")
     return result
