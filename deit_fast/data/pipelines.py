@@ -84,10 +84,12 @@ def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bo
         encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                              dtype=[types.UINT8, types.INT64])
         decoder = "mixed" if device == "gpu" else "cpu"
+        # adjust_orientation=False: DALI would rotate by the EXIF orientation tag, PIL (torchvision's ImageFolder,
+        # DeiT's reference, the fallback pipeline) does not; the two pipelines must see the same pixels.
         if train:
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                                    random_area=list(crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],
-                                                   num_attempts=10)
+                                                   num_attempts=10, adjust_orientation=False)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
             if hflip > 0:
                 images = fn.flip(images, horizontal=fn.random.coin_flip(probability=hflip))
@@ -98,7 +100,7 @@ def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bo
                                                          num_magnitude_bins=11, shape=[size, size],
                                                          fill_value=128)  # one value for all channels in DALI
         else:
-            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
             images = fn.resize(images, resize_shorter=int(size / EVAL_CROP_RATIO), interp_type=types.INTERP_CUBIC,
                                antialias=True)
             images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad")
