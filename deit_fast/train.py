@@ -445,7 +445,14 @@ def evaluate(model, loader, ctx: Context, num_classes: int) -> dict:
     total = torch.zeros((), device=ctx.device)
     loss_sum = torch.zeros((), device=ctx.device)
     loader.set_epoch(0)
+    remaining = getattr(loader, "real_samples", None)  # the rest of this rank's share is padding (see build_loader)
     for images, labels in loader:
+        if remaining is not None:
+            keep = min(labels.shape[0], remaining)
+            remaining -= keep
+            if keep == 0:
+                continue
+            images, labels = images[:keep], labels[:keep]
         images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
         x, _ = prep(images, labels)
         with torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32):

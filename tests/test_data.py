@@ -81,12 +81,16 @@ def test_ra_sampler_is_deits():
 
 
 def test_shard_sampler_splits_disjointly():
-    """Ranks get disjoint shards covering the shuffled order (drop_last), or padded shards in evaluation."""
+    """Ranks get disjoint shards covering the shuffled order (drop_last), or padded shards in evaluation whose
+    unpadded parts cover every image once."""
     shards = [ShardSampler(103, rank, 4, seed=1).indices(2) for rank in range(4)]
     flat = [i for s in shards for i in s]
     assert len(flat) == len(set(flat)) == 100 and all(len(s) == 25 for s in shards)
     padded = [ShardSampler(103, rank, 4, shuffle=False, drop_last=False).indices(0) for rank in range(4)]
     assert sorted({i for s in padded for i in s}) == list(range(103))
+    for n, world in ((103, 4), (5, 8), (20, 3), (7, 1)):  # the padding is each share's tail: real_count skips it
+        samplers = [ShardSampler(n, rank, world, shuffle=True, drop_last=False) for rank in range(world)]
+        assert sorted(i for s in samplers for i in s.indices(3)[:s.real_count]) == list(range(n))
     with pytest.raises(ValueError, match="rank"):
         ShardSampler(10, 4, 4)
 

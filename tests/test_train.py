@@ -2,6 +2,7 @@
 uninterrupted run (bitwise), SIGKILL and resume, non-finite losses, 2-rank gloo DDP against 1 rank, teacher class-count
 mismatch, checkpoint mismatch, finetuning, evaluation, throughput, and bad configuration values."""
 
+import argparse
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 
 import pytest
+import timm
 import torch
 
 import deit_fast.ops
@@ -252,6 +254,26 @@ def test_two_rank_ddp_matches_one_rank(photos, tmp_path):
     b = torch.load(two / "checkpoint.pth", weights_only=False)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_evaluation_over_ranks_counts_each_image_once(photos):
+    """Evaluation shares are padded to the same length on every rank (20 images over 3 ranks: 7 each, 1 repeated);
+    the padding is not counted, so the ranks' counts sum to the dataset's, and their correct predictions to those of
+    one rank over all of it."""
+    from deit_fast.data import build_loader
+
+    ctx = train.Context(argparse.Namespace(device="cpu", dtype=None))
+    common = dict(batch_size=3, img_size=32, train=False, pipeline="torchvision", num_workers=0)
+    loader = build_loader(photos / "val", **common)
+    k = len(loader.scan.classes)
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=k)
+    whole = train.evaluate(model, loader, ctx, k)
+    parts = [train.evaluate(model, build_loader(photos / "val", rank=r, world_size=3, **common), ctx, k)
+             for r in range(3)]
+    assert [p["images"] for p in parts] == [7, 7, 6] and whole["images"] == 20
+    assert sum(p["top1"] * p["images"] for p in parts) == pytest.approx(whole["top1"] * 20)
+    assert sum(p["loss"] * p["images"] for p in parts) == pytest.approx(whole["loss"] * 20, rel=1e-5)
 
 
 def test_default_job_short(tmp_path, monkeypatch, capsys):

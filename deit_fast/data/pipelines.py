@@ -434,4 +434,7 @@ def build_loader(root: str | os.PathLike, *, batch_size: int, img_size: int, tra
                                    num_workers=num_workers, seed=seed, auto_augment=auto_augment,
                                    pin_memory=torch.cuda.is_available(), crop_scale=crop_scale, hflip=hflip)
     loader.scan, loader.pipeline, loader.device_kind = scan, pipeline, device
+    # Evaluation pads every rank's share to the same length (as DistributedSampler); the padding comes last, so
+    # counting the first real_samples images of an epoch counts each image once over all ranks.
+    loader.real_samples = None if train else sampler.real_count
     return loader

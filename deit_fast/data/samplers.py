@@ -89,3 +89,9 @@ class ShardSampler(_EpochSampler):
 
     def __len__(self) -> int:
         return self.per_rank
+
+    @property
+    def real_count(self) -> int:
+        """How many of this rank's images come before the padding (which is at the end of every rank's share), so
+        an evaluation that counts only these counts each image exactly once over all ranks."""
+        return max(0, min(self.per_rank, -(-(self.num_samples_total - self.rank) // self.world_size)))
