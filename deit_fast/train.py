@@ -60,15 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default="deit_base_patch16_224", help="timm model name (DeiT/ViT models run on deit_fast's layers)")
     a("--model-kwargs", default="{}", help="JSON dict of extra create_model arguments, e.g. '{\"depth\": 6}'")
     a("--input-size", type=int, default=224, help="image size")
+    a("--drop", type=float, default=0.0, help="dropout rate (timm's drop_rate, as DeiT passes it)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    a("--model-ema", type=str2bool, default=True, help="keep an exponential moving average of the weights")
+    a("--model-ema", type=str2bool, nargs="?", const=True, default=True,
+      help="keep an exponential moving average of the weights (a bare flag, as DeiT's, or true/false)")
+    a("--no-model-ema", dest="model_ema", action="store_false", help="no EMA (DeiT's spelling)")
     a("--model-ema-decay", type=float, default=0.99996, help="EMA decay per optimizer step")
     # optimization
     a("--batch-size", type=int, default=64, help="images per device per step")
     a("--epochs", type=int, default=300)
     a("--accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--opt", default="adamw", choices=["adamw"], help="optimizer (fused AdamW)")
+    a("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
+    a("--opt-betas", type=float, nargs=2, default=None, help="AdamW betas (default: torch's 0.9 0.999)")
     a("--lr", type=float, default=5e-4, help="learning rate for a global batch of 512 (scaled linearly)")
+    a("--unscale-lr", action="store_true", help="use --lr as it is, without the batch/512 scaling")
     a("--weight-decay", type=float, default=0.05)
     a("--clip-grad", type=float, default=None, help="gradient-norm clipping (off by default)")
     a("--sched", default="cosine", choices=["cosine"], help="per-step cosine schedule")
@@ -83,12 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cutmix", type=float, default=1.0, help="cutmix alpha (0 disables)")
     a("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
     a("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both are on")
-    a("--repeated-aug", type=str2bool, default=True, help="DeiT's 3x repeated augmentation")
+    a("--repeated-aug", type=str2bool, nargs="?", const=True, default=True,
+      help="DeiT's 3x repeated augmentation (a bare flag, as DeiT's, or true/false)")
+    a("--no-repeated-aug", dest="repeated_aug", action="store_false", help="no repeated augmentation")
     a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop area range")
     a("--hflip", type=float, default=0.5, help="horizontal flip probability")
     # distillation
     a("--teacher-model", default="regnety_160", help="timm model name of the teacher")
-    a("--teacher-path", default="", help="teacher weights: a state_dict or a DeiT-style {'model': ...} checkpoint")
+    a("--teacher-path", default="", help="teacher weights: a state_dict or a DeiT-style {'model': ...} checkpoint, "
+                                         "a path or an https:// URL")
     a("--distillation-type", default="none", choices=DISTILLATION_TYPES)
     a("--distillation-alpha", type=float, default=0.5)
     a("--distillation-tau", type=float, default=1.0)
@@ -97,11 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-set", default="IMNET", choices=DATA_SETS)
     a("--download", action="store_true", help="CIFAR: download it into --data-path if missing")
     a("--data-pipeline", default="auto", choices=["auto", "dali", "torchvision"])
-    a("--num-workers", type=int, default=10, help="loader worker processes (DALI: threads)")
+    a("--num-workers", "--num_workers", type=int, default=10, help="loader worker processes (DALI: threads)")
+    a("--pin-mem", action=argparse.BooleanOptionalAction, default=True,
+      help="pinned host memory for the fallback loader's batches on GPUs")
+    a("--eval-crop-ratio", type=float, default=0.875,
+      help="evaluation: resize the shorter side to input-size / ratio, then center-crop input-size")
+    a("--dist-eval", action="store_true",
+      help="accepted for DeiT's command lines: evaluation is always sharded over the ranks, each image counted "
+           "once")
     # run
-    a("--output-dir", default="", help="where checkpoints, logs and plots go")
-    a("--resume", default="", help="checkpoint to continue from")
-    a("--finetune", default="", help="checkpoint to start from (position embedding resampled, heads dropped)")
+    a("--output-dir", "--output_dir", default="", help="where checkpoints, logs and plots go")
+    a("--resume", default="", help="checkpoint to continue from (a path, or an https:// URL as DeiT's releases)")
+    a("--finetune", default="", help="checkpoint to start from (position embedding resampled, heads dropped; a path "
+                                     "or an https:// URL)")
     a("--eval", action="store_true", help="evaluate --resume's checkpoint and exit")
     a("--throughput", action="store_true", help="measure the model's images/s and exit")
     a("--seed", type=int, default=0)
@@ -160,11 +177,20 @@ def check_args(parser, args) -> None:
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("smoothing", "reprob", "mixup_prob", "mixup_switch_prob", "distillation_alpha", "hflip",
-                 "model_ema_decay"):
+                 "model_ema_decay", "drop"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         parser.error(f"--crop-scale must satisfy 0 < min <= max <= 1, got {args.crop_scale}")
+    if not 0 < args.eval_crop_ratio <= 1:
+        parser.error(f"--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}")
+    if args.opt_eps <= 0:
+        parser.error(f"--opt-eps must be positive, got {args.opt_eps}")
+    if args.opt_betas is not None and not all(0 <= b < 1 for b in args.opt_betas):
+        parser.error(f"--opt-betas must be in [0, 1), got {args.opt_betas}")
+    if args.distillation_type != "none" and not args.teacher_path and not (args.eval or args.throughput):
+        parser.error(f"--distillation-type {args.distillation_type} needs --teacher-path (the teacher's trained "
+                     f"weights; DeiT's main.py requires them too)")
     if args.clip_grad is not None and args.clip_grad <= 0:
         parser.error(f"--clip-grad must be positive, got {args.clip_grad}")
     if args.aa not in ("none", "rand-m9-mstd0.5-inc1"):
@@ -271,6 +297,8 @@ def build_model(name: str, num_classes: int, args, img_size: int | None = None):
     kwargs["num_classes"] = num_classes
     if args.drop_path and name == args.model:
         kwargs["drop_path_rate"] = args.drop_path
+    if getattr(args, "drop", 0.0) and name == args.model:
+        kwargs["drop_rate"] = args.drop
     try:
         try:
             return deit_fast.create_model(name, img_size=img_size or args.input_size, **kwargs)
@@ -283,8 +311,11 @@ def build_model(name: str, num_classes: int, args, img_size: int | None = None):
 
 
 def read_checkpoint(path: str):
-    """torch.load(weights_only=True) with errors that name the file."""
+    """torch.load(weights_only=True) with errors that name the file; an https:// URL (DeiT's released checkpoints)
+    is fetched once into torch.hub's cache and checked against the hash in its name, as DeiT's main.py does."""
     try:
+        if path.startswith(("https://", "http://")):
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True, weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise SystemExit(f"checkpoint {path} does not exist") from e
@@ -327,8 +358,6 @@ def load_teacher(args, num_classes: int, ctx: Context):
             raise SystemExit(f"the teacher {args.teacher_path} predicts {state[head[0]].shape[0]} classes but "
                              f"the data has {num_classes}; a teacher must share the student's classes")
         load_strict(teacher, state, f"--teacher-path {args.teacher_path}")
-    elif getattr(teacher, "num_classes", num_classes) != num_classes:
-        raise SystemExit(f"the teacher has {teacher.num_classes} classes but the data has {num_classes}")
     teacher = teacher.to(ctx.device).eval().requires_grad_(False)
     if ctx.device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -569,7 +598,7 @@ def train(args, ctx: Context) -> dict:
         finetune_from(model, args.finetune, ctx)
     distilled = hasattr(model, "dist_token")
     teacher = None
-    if args.distillation_type != "none":
+    if args.distillation_type != "none" and not args.eval:  # --eval needs no teacher
         if not distilled:
             raise SystemExit(f"--distillation-type {args.distillation_type} needs a model with a distillation token "
                              f"(a *_distilled_* DeiT), not {args.model}")
@@ -577,11 +606,13 @@ def train(args, ctx: Context) -> dict:
         model.distilled_training = True
     common = dict(img_size=args.input_size, device="gpu" if ctx.device.type == "cuda" else "cpu",
                   device_id=ctx.local_rank if ctx.device.type == "cuda" else None, rank=ctx.rank,
-                  world_size=ctx.world_size, seed=args.seed, num_workers=args.num_workers, pipeline=args.data_pipeline)
+                  world_size=ctx.world_size, seed=args.seed, num_workers=args.num_workers, pipeline=args.data_pipeline,
+                  pin_memory=args.pin_mem and ctx.device.type == "cuda")
     train_loader = build_loader(train_dir, batch_size=args.batch_size, train=True,
                                 repeated_aug=3 if args.repeated_aug else 0, auto_augment=args.aa != "none",
                                 crop_scale=tuple(args.crop_scale), hflip=args.hflip, scan=train_scan, **common)
-    val_loader = build_loader(val_dir, batch_size=args.batch_size, train=False, scan=val_scan, **common)
+    val_loader = build_loader(val_dir, batch_size=args.batch_size, train=False, scan=val_scan,
+                              eval_crop_ratio=args.eval_crop_ratio, **common)
     prep_config = BatchPrepConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=args.mixup_prob,
                                   switch_prob=args.mixup_switch_prob, smoothing=args.smoothing,
                                   erase_prob=args.reprob)
@@ -590,9 +621,10 @@ def train(args, ctx: Context) -> dict:
 
     steps_per_epoch = len(train_loader) // args.accumulation_steps
     global_batch = args.batch_size * ctx.world_size * args.accumulation_steps
-    base_lr = args.lr * global_batch / 512.0
+    base_lr = args.lr if args.unscale_lr else args.lr * global_batch / 512.0
     fused = ctx.device.type == "cuda" or hasattr(torch.optim.AdamW, "_step_supports_amp_scaling")
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=base_lr, fused=fused)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=base_lr, eps=args.opt_eps,
+                                  betas=tuple(args.opt_betas or (0.9, 0.999)), fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch, base_lr))
     # Loss scaling for fp16; for bf16/fp32 the same machinery at scale 1 skips non-finite steps on the device
     # (backing off by exact powers of two), so no step waits for the host.

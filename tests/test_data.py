@@ -287,6 +287,23 @@ def test_pipelines_decode_every_kept_format(pipeline, formats_tree):
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
+def test_eval_crop_ratio(pipeline, formats_tree):
+    """eval_crop_ratio sets the evaluation resize (shorter side to img_size / ratio): at ratio 1 and img_size 36
+    the 36x46 picture is only center-cropped to 36x36."""
+    root, picture = formats_tree
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = build_loader(root, batch_size=11, img_size=36, train=False, pipeline=pipeline, num_workers=1,
+                              eval_crop_ratio=1.0)
+        images, _ = next(iter(loader))
+    bmp = [i for i, (path, _) in enumerate(loader.scan.samples) if path.endswith(os.path.join("bmp", "a.bmp"))][0]
+    want = torch.from_numpy(np.array(picture.crop((5, 0, 41, 36)))).float()
+    assert images.shape == (11, 36, 36, 3) and (images[bmp].float() - want).abs().max() <= 1.0
+    with pytest.raises(ValueError, match="eval_crop_ratio"):
+        build_loader(root, batch_size=2, img_size=36, train=False, pipeline=pipeline, eval_crop_ratio=0.0)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
 def test_pipelines_survive_bad_files(pipeline, bad_tree):
     """An epoch over the bad tree completes with RGB batches, also when the scan is bypassed and a truncated file
     reaches the decoder mid-epoch (it is excluded with a warning and the epoch goes on)."""

@@ -58,12 +58,65 @@ def test_help_lists_deits_arguments(capsys):
     (["--data-set", "IMNET"], "needs --data-path"),
     (["--eval"], "--eval evaluates the checkpoint"),
     (["--distillation-type", "medium"], "invalid choice"),
+    (["--distillation-type", "hard"], "needs --teacher-path"),
+    (["--eval-crop-ratio", "0"], "--eval-crop-ratio must be in"),
+    (["--opt-eps", "0"], "--opt-eps must be positive"),
+    (["--opt-betas", "0.9", "1.5"], "--opt-betas must be in"),
+    (["--drop", "2"], "--drop must be in"),
 ])
 def test_bad_config_values(argv, message, capsys):
     """Bad values stop before anything runs, with the flag named."""
     with pytest.raises(SystemExit):
         train.parse_args(["--data-set", "DIGITS", *argv] if "--data-set" not in argv else argv)
     assert message in capsys.readouterr().err
+
+
+def test_deits_command_line_spellings():
+    """DeiT's main.py command lines parse: bare --model-ema/--repeated-aug flags and their --no- forms, the
+    underscore spellings --output_dir/--num_workers, --unscale-lr, --opt-eps/--opt-betas, --drop, --eval-crop-ratio,
+    --pin-mem/--no-pin-mem, --dist-eval."""
+    args = train.parse_args(["--data-set", "DIGITS", "--model-ema", "--repeated-aug", "--output_dir", "out",
+                             "--num_workers", "3", "--dist-eval"])
+    assert args.model_ema and args.repeated_aug and args.output_dir == "out" and args.num_workers == 3
+    args = train.parse_args(["--data-set", "DIGITS", "--no-model-ema", "--no-repeated-aug", "--unscale-lr",
+                             "--opt-eps", "1e-6", "--opt-betas", "0.9", "0.95", "--drop", "0.1",
+                             "--eval-crop-ratio", "1.0", "--no-pin-mem"])
+    assert not args.model_ema and not args.repeated_aug and args.unscale_lr and args.opt_betas == [0.9, 0.95]
+    assert (args.opt_eps, args.drop, args.eval_crop_ratio, args.pin_mem) == (1e-6, 0.1, 1.0, False)
+    args = train.parse_args(["--data-set", "DIGITS", "--model-ema", "false", "--repeated-aug", "0"])
+    assert not args.model_ema and not args.repeated_aug
+    # --eval needs no teacher weights even for a distilled run's flags
+    assert train.parse_args(["--data-set", "DIGITS", "--distillation-type", "hard", "--eval", "--resume", "c.pth"])
+
+
+def test_optimizer_flags_reach_the_run(photos, tmp_path):
+    """--unscale-lr keeps --lr as given (else lr * global batch / 512), --opt-eps/--opt-betas reach AdamW, --drop
+    reaches the model."""
+    common = ["--max-steps", "1", "--epochs", "1", "--model-ema", "false", "--lr", "1e-3"]
+    for extra, lr in ((["--unscale-lr"], 1e-3), ([], 1e-3 * 8 / 512)):
+        out = tmp_path / f"run{len(extra)}"
+        assert train.main(tiny_args(photos, out, *common, *extra, "--opt-eps", "1e-6", "--opt-betas", "0.8", "0.9",
+                                    "--drop", "0.25")) == 0
+        group = torch.load(out / "checkpoint.pth", weights_only=False)["optimizer"]["param_groups"][0]
+        assert group["initial_lr"] == pytest.approx(lr) and group["eps"] == 1e-6 and group["betas"] == (0.8, 0.9)
+    model = train.build_model("deit_tiny_patch16_224", 10, train.parse_args(["--data-set", "DIGITS", "--drop", "0.25",
+                                                                            "--model", "deit_tiny_patch16_224"]))
+    assert model.head_drop.p == 0.25  # timm's drop_rate, as DeiT's main.py passes it
+
+
+def test_checkpoints_from_urls(monkeypatch):
+    """An https:// --resume/--finetune/--teacher-path (DeiT's released weights) is fetched through torch.hub's cache
+    and read with weights_only=True."""
+    calls = []
+
+    def fetch(url, **kwargs):
+        calls.append((url, kwargs))
+        return {"model": {"w": torch.ones(1)}}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fetch)
+    url = "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"
+    assert train.load_weights(url)["w"].item() == 1.0
+    assert calls[0][0] == url and calls[0][1]["weights_only"] is True
 
 
 def test_config_file(tmp_path, capsys):

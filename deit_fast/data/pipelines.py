@@ -74,7 +74,8 @@ def _rand_augment_ops():
 
 
 def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bool, batch_size: int,
-                num_threads: int, device_id: int | None, seed: int, crop_scale=(0.08, 1.0), hflip: float = 0.5):
+                num_threads: int, device_id: int | None, seed: int, crop_scale=(0.08, 1.0), hflip: float = 0.5,
+                eval_crop_ratio: float = EVAL_CROP_RATIO):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -101,7 +102,7 @@ def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bo
                                                          fill_value=128)  # one value for all channels in DALI
         else:
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
-            images = fn.resize(images, resize_shorter=int(size / EVAL_CROP_RATIO), interp_type=types.INTERP_CUBIC,
+            images = fn.resize(images, resize_shorter=int(size / eval_crop_ratio), interp_type=types.INTERP_CUBIC,
                                antialias=True)
             images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad")
         if device == "gpu":
@@ -174,9 +175,9 @@ class DaliLoader:
 
     def __init__(self, samples, sampler, *, batch_size: int, size: int, train: bool, device: str = "cpu",
                  device_id: int | None = None, num_threads: int = 2, seed: int = 0, auto_augment: bool = True,
-                 crop_scale=(0.08, 1.0), hflip: float = 0.5):
+                 crop_scale=(0.08, 1.0), hflip: float = 0.5, eval_crop_ratio: float = EVAL_CROP_RATIO):
         self.samples, self.sampler = samples, sampler
-        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.crop_scale, self.hflip, self.eval_crop_ratio = tuple(crop_scale), hflip, eval_crop_ratio
         self.batch_size, self.size, self.train, self.device = batch_size, size, train, device
         self.device_id = device_id if device == "gpu" else None
         self.num_threads, self.seed, self.auto_augment = num_threads, seed, auto_augment
@@ -197,7 +198,7 @@ class DaliLoader:
                            auto_augment=self.auto_augment and self.train, batch_size=self.batch_size,
                            num_threads=self.num_threads, device_id=self.device_id,
                            seed=(self.seed * 1000003 + self.epoch * 9973 + first_step) % (2**31),
-                           crop_scale=self.crop_scale, hflip=self.hflip)
+                           crop_scale=self.crop_scale, hflip=self.hflip, eval_crop_ratio=self.eval_crop_ratio)
         return pipe, source
 
     def _start(self, first_step: int) -> dict:
@@ -349,12 +350,12 @@ class TorchvisionLoader:
 
     def __init__(self, samples, sampler, *, batch_size: int, size: int, train: bool, num_workers: int = 2,
                  seed: int = 0, auto_augment: bool = True, pin_memory: bool = False, crop_scale=(0.08, 1.0),
-                 hflip: float = 0.5):
+                 hflip: float = 0.5, eval_crop_ratio: float = EVAL_CROP_RATIO):
         from timm.data import create_transform
 
         transform = create_transform(size, is_training=train, use_prefetcher=True, interpolation="bicubic",
                                      auto_augment="rand-m9-mstd0.5-inc1" if (train and auto_augment) else None,
-                                     crop_pct=EVAL_CROP_RATIO, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
+                                     crop_pct=eval_crop_ratio, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
                                      hflip=hflip, re_prob=0.0, color_jitter=None)
         self.sampler, self.train, self.batch_size = sampler, train, batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -391,7 +392,8 @@ def _steps(samples: int, batch_size: int, drop_last: bool) -> int:
 def build_loader(root: str | os.PathLike, *, batch_size: int, img_size: int, train: bool, pipeline: str = "auto",
                  device: str = "cpu", device_id: int | None = None, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 2, repeated_aug: int = 3, auto_augment: bool = True,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, scan: ScanResult | None = None):
+                 crop_scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, scan: ScanResult | None = None,
+                 eval_crop_ratio: float = EVAL_CROP_RATIO, pin_memory: bool | None = None):
     """A loader over an ImageFolder split (`root` is e.g. data/train): yields (uint8 (B, H, W, 3), int64 (B,)).
 
     pipeline: 'dali', 'torchvision', or 'auto' (DALI when it imports, else torchvision with a notice).
@@ -399,6 +401,8 @@ def build_loader(root: str | os.PathLike, *, batch_size: int, img_size: int, tra
     repeated_aug: RASampler's repeats in training (DeiT: 3); 0 or 1 for a plain shuffled shard.
     auto_augment, crop_scale, hflip: the training recipe's RandAugment (on/off), random-resized-crop area range and
     horizontal-flip probability (DeiT: on, (0.08, 1), 0.5).
+    eval_crop_ratio: evaluation resizes the shorter side to img_size / ratio, then center-crops (DeiT: 0.875).
+    pin_memory: the fallback's batches in pinned memory (default: when CUDA is available); DALI ignores it.
     The loader has `len()` (batches per epoch on this rank), `set_epoch(epoch, start_step=0)`, and the scan result
     as `.scan` (classes, usable samples, excluded files).
     """
@@ -408,6 +412,8 @@ def build_loader(root: str | os.PathLike, *, batch_size: int, img_size: int, tra
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if batch_size < 1 or img_size < 1:
         raise ValueError(f"batch_size and img_size must be positive, got {batch_size} and {img_size}")
+    if not 0 < eval_crop_ratio <= 1:
+        raise ValueError(f"eval_crop_ratio must be in (0, 1], got {eval_crop_ratio}")
     if pipeline == "auto":
         reason = dali_available()
         pipeline = "torchvision" if reason else "dali"
@@ -428,11 +434,13 @@ def build_loader(root: str | os.PathLike, *, batch_size: int, img_size: int, tra
     if pipeline == "dali":
         loader = DaliLoader(scan.samples, sampler, batch_size=batch_size, size=img_size, train=train, device=device,
                             device_id=device_id, num_threads=max(1, num_workers), seed=seed + rank,
-                            auto_augment=auto_augment, crop_scale=crop_scale, hflip=hflip)
+                            auto_augment=auto_augment, crop_scale=crop_scale, hflip=hflip,
+                            eval_crop_ratio=eval_crop_ratio)
     else:
         loader = TorchvisionLoader(scan.samples, sampler, batch_size=batch_size, size=img_size, train=train,
                                    num_workers=num_workers, seed=seed, auto_augment=auto_augment,
-                                   pin_memory=torch.cuda.is_available(), crop_scale=crop_scale, hflip=hflip)
+                                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                                   crop_scale=crop_scale, hflip=hflip, eval_crop_ratio=eval_crop_ratio)
     loader.scan, loader.pipeline, loader.device_kind = scan, pipeline, device
     # Evaluation pads every rank's share to the same length (as DistributedSampler); the padding comes last, so
     # counting the first real_samples images of an epoch counts each image once over all ranks.
