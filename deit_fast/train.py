@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -765,6 +766,8 @@ def train(args, ctx: Context) -> dict:
                               "data_wait": waited / elapsed, "non_finite_streak": run_streak}
                     if ctx.device.type == "cuda":
                         record["memory_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                    else:  # the process's peak resident memory (Linux reports KiB)
+                        record["host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                     logger.write(record)
                     logger.progress(record, steps_since)
                     t_log, waited, images_since, losses_since, steps_since = time.perf_counter(), 0.0, 0, 0, 0

@@ -148,7 +148,8 @@ def test_teacher_then_distilled_student(photos, tmp_path):
     epochs = [r for r in records if r["type"] == "epoch"]
     assert len(epochs) == 2 and all(0 <= r["val_top1"] <= 100 for r in epochs)
     steps = [r for r in records if r["type"] == "step"]
-    assert all({"loss", "lr", "images_per_s", "data_wait"} <= r.keys() for r in steps)
+    assert all({"loss", "lr", "images_per_s", "data_wait", "host_memory_gb"} <= r.keys() for r in steps)
+    assert all(0 < r["host_memory_gb"] < 24 and 0 <= r["data_wait"] <= 1 for r in steps)
     result = train.train(train.parse_args(tiny_args(photos, student_out, "--resume",
                                                     str(student_out / "checkpoint.pth"), "--eval")),
                          train.Context(train.parse_args(["--data-set", "DIGITS"])))
