@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 
 from deit_fast.layers import Block
 from deit_fast.ops import fused_mlp, layer_norm, mlp
+from deit_fast.testing import saved_bytes
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -38,16 +39,7 @@ DROP_PATH = 0.1
 
 def saved_mb(fn) -> float:
     """MB of distinct non-parameter tensors autograd saves while fn() runs."""
-    seen = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return round(sum(seen.values()) / 1e6, 2)
+    return round(saved_bytes(fn) / 1e6, 2)
 
 
 def fwdbwd_step(forward, x, params):

@@ -48,3 +48,17 @@ def assert_close_ratio(out: Tensor, ref: Tensor, out_torch: Tensor, *, ratio: fl
         raise AssertionError(f"{name}: max error {err:.3e} exceeds {allowed:.3e} "
                              f"({ratio} x PyTorch's {err_torch:.3e} + floor) in {out.dtype}")
 
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward while fn() runs (parameters excluded): the
+    activation memory a forward keeps. Shared by the MLP tests and benchmarks."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

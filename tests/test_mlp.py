@@ -12,6 +12,7 @@ from timm.layers import Mlp as TimmMlp
 from timm.models.vision_transformer import LayerScale
 
 from deit_fast.ops import fused_mlp, mlp, mlp_ref
+from deit_fast.testing import saved_bytes
 
 FULL = os.environ.get("DEIT_FAST_FULL_MATRIX", "0") not in ("", "0")
 # (B, N, C): DeiT-Ti width at 197 and 198 tokens, an odd width, a single token, batch 1-4.
@@ -72,20 +73,6 @@ def test_torch_compile_fullgraph(backend, use_backend):
     torch.testing.assert_close(out_c, out, atol=1e-5, rtol=1e-5)
     for g_c, g in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(g_c, g, atol=1e-4, rtol=1e-5)
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for the backward while fn() runs (parameters excluded)."""
-    seen = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("layer_scale", [False, True])
