@@ -22,6 +22,7 @@ from deit_fast.data import (
     scan_imagefolder,
 )
 from deit_fast.data import scan as scan_module
+from deit_fast.data.pipelines import to_rgb
 
 PIPELINES = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(dali_available() is not None,
                                                                             reason=str(dali_available())))]
@@ -242,6 +243,9 @@ def formats_tree(tmp_path):
     for rel, (image, fmt, kw) in saves.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         image.save(root / rel, fmt, **kw)
+    gray16 = np.asarray(picture.convert("L"), dtype=np.uint16) * 257  # 16-bit: 8-bit gray x 65535/255
+    (root / "png_gray16").mkdir()
+    Image.fromarray(gray16).save(root / "png_gray16" / "a.png")
     exif = picture.getexif()
     exif[0x0112] = 6  # EXIF orientation "rotate 90 degrees": PIL (and so timm, DeiT) ignores it, DALI must too
     (root / "jpeg_exif").mkdir()
@@ -251,12 +255,12 @@ def formats_tree(tmp_path):
 
 
 def test_scan_keeps_every_format_both_pipelines_decode(formats_tree):
-    """BMP, WebP, TIFF, PNM, JPEG 2000, palette and RGBA PNG (and JPEG) are kept (by content, whatever the name); a
-    file that only starts like one is excluded with its reason."""
+    """BMP, WebP, TIFF, PNM, JPEG 2000, palette, RGBA and 16-bit PNG (and JPEG) are kept (by content, whatever the
+    name); a file that only starts like one is excluded with its reason."""
     root, _ = formats_tree
     with pytest.warns(UserWarning, match="fake.bmp"):
         result = scan_imagefolder(root)
-    assert len(result.samples) == 11 and not result.empty_classes
+    assert len(result.samples) == 12 and not result.empty_classes
     assert [os.path.basename(p) for p, _ in result.bad] == ["fake.bmp"] and "BMP" in result.bad[0][1]
 
 
@@ -269,18 +273,20 @@ def test_pipelines_decode_every_kept_format(pipeline, formats_tree):
     root, picture = formats_tree
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loader = build_loader(root, batch_size=11, img_size=32, train=False, pipeline=pipeline, num_workers=1)
+        loader = build_loader(root, batch_size=12, img_size=32, train=False, pipeline=pipeline, num_workers=1)
         images, labels = next(iter(loader))
-    assert images.shape == (11, 32, 32, 3) and labels.tolist() == list(range(11))
+    assert images.shape == (12, 32, 32, 3) and labels.tolist() == list(range(12))
 
     def expected(image):  # the evaluation recipe: shorter side to int(32 / 0.875) = 36 (as it is), center crop 32
-        return torch.from_numpy(np.array(image.convert("RGB").crop((7, 2, 39, 34)))).float()
+        return torch.from_numpy(np.array(to_rgb(image).crop((7, 2, 39, 34)))).float()
 
     for image, (path, _) in zip(images, loader.scan.samples, strict=True):
         with Image.open(path) as stored:
             want = expected(stored)
         if os.path.basename(os.path.dirname(path)) in ("bmp", "webp", "tiff", "ppm", "jp2"):
             assert want.equal(expected(picture))  # lossless RGB: the picture itself
+        if path.endswith(os.path.join("png_gray16", "a.png")):  # 16-bit gray scaled down, not clipped at 255
+            assert want.equal(expected(picture.convert("L")))
         # The JPEG: another IDCT may round differently; a rotated image would be off by far more.
         tolerance = 4.0 if path.endswith("jpeg_exif/a.jpg") else 1.0
         assert (image.float() - want).abs().max() <= tolerance, path
@@ -293,12 +299,12 @@ def test_eval_crop_ratio(pipeline, formats_tree):
     root, picture = formats_tree
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loader = build_loader(root, batch_size=11, img_size=36, train=False, pipeline=pipeline, num_workers=1,
+        loader = build_loader(root, batch_size=12, img_size=36, train=False, pipeline=pipeline, num_workers=1,
                               eval_crop_ratio=1.0)
         images, _ = next(iter(loader))
     bmp = [i for i, (path, _) in enumerate(loader.scan.samples) if path.endswith(os.path.join("bmp", "a.bmp"))][0]
     want = torch.from_numpy(np.array(picture.crop((5, 0, 41, 36)))).float()
-    assert images.shape == (11, 36, 36, 3) and (images[bmp].float() - want).abs().max() <= 1.0
+    assert images.shape == (12, 36, 36, 3) and (images[bmp].float() - want).abs().max() <= 1.0
     with pytest.raises(ValueError, match="eval_crop_ratio"):
         build_loader(root, batch_size=2, img_size=36, train=False, pipeline=pipeline, eval_crop_ratio=0.0)
 

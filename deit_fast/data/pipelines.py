@@ -277,6 +277,19 @@ def _dali_decodes(path: str) -> str | None:
 # torchvision / timm fallback
 
 
+def to_rgb(image):
+    """A PIL image as 8-bit RGB, the way DALI's decoders give it. Pillow's own convert('RGB') clips 16-bit
+    grayscale (modes I;16*, I) to 255, which turns most of such an image white; here those are scaled by 255/65535
+    and rounded, as DALI does. Everything else is convert('RGB') (palette, RGBA, CMYK, L, 1)."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return image.convert("RGB")
+
+
 class _ImageDataset(torch.utils.data.Dataset):
     """(uint8 (3, H, W), label) with timm's transforms; a file that fails to decode is logged once and replaced by
     the next usable one, so an epoch never stops on a bad file. Items are (epoch, index): the augmentation's random
@@ -316,7 +329,7 @@ class _ImageDataset(torch.utils.data.Dataset):
                 continue
             try:
                 with Image.open(path) as image:
-                    image = image.convert("RGB")
+                    image = to_rgb(image)
             except Exception as e:  # any decode failure: skip the file, never the run
                 self.failed.add(path)
                 logger.warning("deit_fast data: cannot decode %s (%s); using another image", path, e)
