@@ -80,7 +80,8 @@ def report() -> list[tuple[str, str]]:
         args = _sample_args(name, device, dtype)
         try:
             backend, _ = _backend.choose(name, *args)
-            rows.append((f"op {name}", f"{backend} ({device.type}, {dtype}, shape {tuple(args[0].shape)})"))
+            kind = f"{args[0].dtype} -> {dtype}" if args[0].dtype != dtype else f"{dtype}"  # batch_prep: uint8 in
+            rows.append((f"op {name}", f"{backend} ({device.type}, {kind}, shape {tuple(args[0].shape)})"))
         except (_backend.BackendUnavailableError, ValueError) as e:
             rows.append((f"op {name}", f"error: {e}"))
     return rows
