@@ -146,14 +146,15 @@ def test_sharding_across_ranks(pipeline, digits):
     assert np.array_equal(np.bincount(torch.cat(seen).numpy(), minlength=10), expected)
 
 
-@pytest.mark.parametrize("auto_augment, tolerance", [(False, 0.04), (True, 0.08)], ids=["crop_flip", "randaugment"])
+@pytest.mark.parametrize("auto_augment, tolerance", [(False, 0.04), (True, 0.05)], ids=["crop_flip", "randaugment"])
 def test_augmentation_statistics_match_timm(auto_augment, tolerance, photos):
     """DALI's training recipe and timm's (the fallback) give images with the same pixel statistics over eight epochs
-    of photos at 64 px: per-channel mean and standard deviation within 4% with crop and flip alone, within 8% with
+    of photos at 64 px: per-channel mean and standard deviation within 4% with crop and flip alone, within 5% with
     RandAugment. Measured (seed 3): crop+flip means 117.4/101.6/97.1 (DALI) against 117.8/101.4/98.7 (timm), standard
-    deviations within 1%; with RandAugment 122.2/114.3/111.6 against 119.0/108.7/107.3, deviations 3-5% lower: DALI
-    fills uncovered pixels with 128 on every channel (timm: the mean pixel 124/116/104), equalizes with OpenCV's
-    formula and has no magnitude noise."""
+    deviations within 1%; with RandAugment means 119.7/111.8/109.5 against 119.0/108.7/107.3, standard deviations
+    2.5-3.1% lower: DALI fills uncovered pixels with 128 on every channel (timm: the mean pixel 124/116/104),
+    equalizes with OpenCV's formula and resamples with its own kernels. (With DALI's posterize going the wrong way
+    and one fixed magnitude, as before, the RandAugment means were 122.2/114.3/111.6, deviations 3-5% lower.)"""
     if dali_available():
         pytest.skip(dali_available())
     stats = {}
@@ -165,6 +166,84 @@ def test_augmentation_statistics_match_timm(auto_augment, tolerance, photos):
         stats[pipeline] = (pixels.mean(0), pixels.std(0))
     for a, b in zip(stats["dali"], stats["torchvision"], strict=True):
         assert ((a - b).abs() / b).max() < tolerance, (a, b)
+
+
+def _dali_run(graph, inputs):
+    """Outputs of a one-sample CPU DALI pipeline whose graph takes the uint8 HWC image `inputs`."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=len(inputs), num_threads=1, device_id=None, seed=5)
+    def pipe():
+        return graph(fn.external_source(source=lambda: list(inputs), batch=True, layout="HWC"))
+
+    pipeline = pipe()
+    pipeline.build()
+    return [np.array(t) for t in pipeline.run()[0]]
+
+
+RA_OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+          "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+          "TranslateXRel", "TranslateYRel"]
+
+
+@pytest.mark.skipif(dali_available() is not None, reason=str(dali_available()))
+@pytest.mark.parametrize("level", [9.0, 7.4])
+@pytest.mark.parametrize("index, name", list(enumerate(RA_OPS)))
+def test_dali_rand_augment_ops_are_timms(index, name, level, monkeypatch):
+    """Each DALI RandAugment op at a given magnitude gives timm's op's pixels: the colour ops exactly or within 1,
+    the geometric ones up to resampling at the edges with the opposite sign (PIL maps output to input, DALI input
+    to output; both negate at random, so the distributions are the same). Equalize is OpenCV's formula, not PIL's:
+    only checked to change the image."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    import timm.data.auto_augment as taa
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    from deit_fast.data.pipelines import RA_BINS_PER_LEVEL, RA_MAX_LEVEL, _rand_augment_ops
+
+    monkeypatch.setattr(taa, "_randomly_negate", lambda v: v)
+    y, x = np.mgrid[0:48, 0:64]
+    image = np.stack([(x * 4) % 256, (y * 5) % 256, ((x + y) * 3) % 256], -1).astype(np.uint8)
+    if name == "SharpnessIncreasing":  # a ramp is its own sharpened image: give the filter texture
+        image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    geometric = name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+    sign = int(geometric and name != "Rotate")  # DALI's rotate turns the way PIL's does
+
+    def graph(data):
+        def constant(v):
+            return fn.random.uniform(values=[v], dtype=types.INT32)
+        magnitude = signed_bin(constant(round(level * RA_BINS_PER_LEVEL)), random_sign=constant(sign))
+        return _rand_augment_ops()[index](data, magnitude_bin=magnitude, shape=[48, 64], fill_value=128,
+                                           num_magnitude_bins=RA_MAX_LEVEL * RA_BINS_PER_LEVEL + 1)
+
+    ours = _dali_run(graph, [image])[0].astype(int)
+    theirs = np.array(taa.AugmentOp(name, prob=1.0, magnitude=level, hparams={"img_mean": (128,) * 3})(
+        Image.fromarray(image))).astype(int)
+    diff = np.abs(ours - theirs)
+    if name == "SharpnessIncreasing":  # PIL leaves the border pixels as they are
+        diff = diff[1:-1, 1:-1]
+    if name == "Equalize":
+        assert np.abs(ours - image).mean() > 1
+    elif geometric:
+        assert diff.mean() < 1.5 and np.abs(ours - image).mean() > 10, diff.mean()
+    else:
+        assert diff.max() <= 1 and np.abs(ours - image).mean() > 1, diff.max()
+
+
+@pytest.mark.skipif(dali_available() is not None, reason=str(dali_available()))
+def test_dali_rand_augment_magnitudes_are_timms():
+    """Every op application draws its own magnitude from N(9, 0.5) clipped to [0, 10], as timm's mstd0.5: read back
+    through SolarizeAdd alone (which adds int(level * 11) to dark pixels) on black images."""
+    from deit_fast.data.pipelines import _apply_rand_augment, _rand_augment_ops
+
+    solarize_add = _rand_augment_ops()[6]
+    black = [np.zeros((4, 4, 3), np.uint8)] * 256
+    out = _dali_run(lambda data: _apply_rand_augment(data, [solarize_add], n=1, m=9, mstd=0.5), black)
+    levels = np.array([o[0, 0, 0] for o in out]) / 11.0
+    assert all((o == o[0, 0, 0]).all() for o in out)  # one magnitude per image
+    assert levels.max() <= 10.0 and abs(levels.mean() - 8.95) < 0.1 and 0.4 < levels.std() < 0.6
+    assert len(np.unique(levels)) > 5  # not one fixed magnitude
 
 
 # ---------------------------------------------------------------------------------------------- bad data

@@ -9,11 +9,13 @@ default jitter of 0.4 either, so both pipelines stay one recipe. Evaluation: res
 size / 0.875 (bicubic), center crop. Which images a rank reads each epoch comes from a sampler (RASampler for repeated
 augmentation, else a shuffled shard); training drops the last partial batch.
 
-DALI's RandAugment differs from timm's in ways DALI does not let us remove, all measured on the same images only
-statistically: the magnitude is fixed at 9 (timm draws it from N(9, 0.5) per op: mstd0.5); filled pixels after
-geometric ops are 128 gray (timm: the mean pixel 124/116/104); Equalize follows OpenCV's formula (timm: PIL's);
-the resampling kernels of crop-resize, rotate and shear are DALI's, not PIL's. The op set (timm's 15 'inc1' ops, each
-applied with probability 0.5, two per image) and the magnitude ranges are timm's.
+DALI's RandAugment is timm's op set (the 15 'inc1' ops, each applied with probability 0.5, two per image), with
+timm's magnitude ranges and timm's per-op magnitude noise (N(9, 0.5) clipped to [0, 10], drawn per op application,
+quantized to 0.1); each op at a given magnitude gives timm's pixels (the colour ops within 1, tested). What remains
+different, measured only statistically: filled pixels after geometric ops are 128 gray (timm: the mean pixel
+124/116/104); Equalize follows OpenCV's formula (timm: PIL's); the resampling kernels of crop-resize, rotate, shear and
+translate are DALI's, not PIL's; a posterize to 0 bits (level 10) keeps 1 bit (Pillow >= 11 refuses 0 bits, and the
+fallback then draws the augmentation again).
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ def dali_available() -> str | None:
 
 
 def _rand_augment_ops():
-    """timm's 'inc1' RandAugment ops with timm's magnitude ranges, plus as many identities (each op applies with
-    probability 0.5, as timm's default). Equalize and sharpness are DALI's own, written with the operators' current
-    names (DALI 2.4's versions call deprecated aliases and warn on every build)."""
+    """timm's 'inc1' RandAugment ops with timm's magnitude ranges (each range is the op's strength at level 10), plus
+    as many identities (each op applies with probability 0.5, as timm's default). Equalize and sharpness are DALI's
+    own, written with the operators' current names (DALI 2.4's versions call deprecated aliases and warn on every
+    build); posterize keeps timm's bit count (DALI's keeps 4 + level * 0.4 bits, the opposite direction)."""
     import nvidia.dali.fn as fn
     from nvidia.dali.auto_aug import augmentations as a
     from nvidia.dali.auto_aug.core import augmentation
@@ -66,11 +69,42 @@ def _rand_augment_ops():
     def sharpness(data, kernel):
         return fn.filter(data, kernel)
 
-    ops = [a.auto_contrast, equalize, a.invert, a.rotate, a.posterize.augmentation(mag_range=(4, 8)),
+    def posterize_bits(level):  # timm's PosterizeIncreasing: 4 - int(level * 4 / 10) bits kept (0 -> 1, as DALI's)
+        bits = max(1, 4 - int(float(level) * 4 / RA_MAX_LEVEL))
+        return np.array(np.uint8(255) ^ np.uint8(2 ** (8 - bits) - 1), dtype=np.uint8)
+
+    posterize = a.posterize.augmentation(mag_range=(0, RA_MAX_LEVEL), mag_to_param=posterize_bits)
+    ops = [a.auto_contrast, equalize, a.invert, a.rotate, posterize,
            a.solarize, a.solarize_add, a.color, a.contrast, a.brightness, sharpness, a.shear_x, a.shear_y,
            a.translate_x.augmentation(mag_range=(0.0, 0.45)), a.translate_y.augmentation(mag_range=(0.0, 0.45))]
     identities = [a.identity.augmentation(name=f"identity_{i}") for i in range(len(ops))]
     return ops + identities
+
+
+RA_MAX_LEVEL = 10  # timm's _LEVEL_DENOM: magnitudes run 0..10
+RA_BINS_PER_LEVEL = 10  # the per-op magnitude noise is quantized to 0.1
+
+
+def _apply_rand_augment(images, ops, *, n: int, m: float, mstd: float, **kwargs):
+    """timm's RandAugment on a DALI batch: n ops per image, each drawn uniformly from `ops` (with replacement), each
+    with its own magnitude from N(m, mstd) clipped to [0, 10] (timm's mstd noise; DALI's apply_rand_augment has one
+    fixed magnitude) and a random sign for the ops that negate."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+    from nvidia.dali.auto_aug.core import select, signed_bin
+
+    num_bins = RA_MAX_LEVEL * RA_BINS_PER_LEVEL + 1
+    op_idx = fn.random.uniform(values=list(range(len(ops))), shape=(n,), dtype=types.INT32)
+    level = fn.random.normal(mean=float(m), stddev=float(mstd), shape=(n,)) if mstd > 0 else \
+        fn.random.uniform(range=[float(m), float(m)], shape=(n,))
+    level = dmath.clamp(level, 0.0, float(RA_MAX_LEVEL))
+    bins = fn.cast(dmath.floor(level * float(RA_BINS_PER_LEVEL) + 0.5), dtype=types.INT32)
+    mag_bin = signed_bin(bins, shape=(n,))
+    for k in range(n):
+        images = select(ops, op_idx[k], data=images, magnitude_bin=mag_bin[k], num_magnitude_bins=num_bins,
+                        **kwargs)
+    return images
 
 
 def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bool, batch_size: int,
@@ -94,12 +128,9 @@ def _dali_graph(source, *, train: bool, size: int, device: str, auto_augment: bo
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
             if hflip > 0:
                 images = fn.flip(images, horizontal=fn.random.coin_flip(probability=hflip))
-            if auto_augment:
-                from nvidia.dali.auto_aug import rand_augment
-
-                images = rand_augment.apply_rand_augment(_rand_augment_ops(), images, n=2, m=9,
-                                                         num_magnitude_bins=11, shape=[size, size],
-                                                         fill_value=128)  # one value for all channels in DALI
+            if auto_augment:  # rand-m9-mstd0.5-inc1
+                images = _apply_rand_augment(images, _rand_augment_ops(), n=2, m=9, mstd=0.5, shape=[size, size],
+                                             fill_value=128)  # one value for all channels in DALI
         else:
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
             images = fn.resize(images, resize_shorter=int(size / eval_crop_ratio), interp_type=types.INTERP_CUBIC,
