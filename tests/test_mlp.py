@@ -41,6 +41,15 @@ def test_split_k_and_other_hidden_widths(use_backend, monkeypatch):
     check((x, w1, b1, w2, b2), kwargs)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cublas_path(variant, use_backend, monkeypatch):
+    """The path a GPU takes where cuBLAS beats the Triton GEMM at a shape (each GEMM as torch.matmul/F.linear, the
+    epilogues as PyTorch ops): the same output and gradients, run here on CPU tensors by choosing it for every GEMM."""
+    use_backend("triton")
+    monkeypatch.setattr(fused_mlp, "_run", lambda kind, shape, device, dtype, triton_fn, cublas_fn: cublas_fn())
+    check(*make_inputs(2, 13, 24, torch.float32, **VARIANTS[variant]))
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_opcheck(backend, use_backend):
     """torch.library.opcheck passes for the forward and backward custom ops, with and without the optional inputs."""

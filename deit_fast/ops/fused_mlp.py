@@ -29,7 +29,8 @@ about seven extra passes over (M, H) or (M, C) tensors forward and backward; her
 Programs are persistent (one per SM, looping over output tiles in grouped order for L2 reuse) and the set of tile
 configurations is fixed per GPU architecture (`GEMM_CONFIGS`); all of it is compiled ahead of time in the tests
 (`python -m deit_fast.aot`). On a GPU the first call at each GEMM shape times the Triton configurations and cuBLAS
-(`torch.matmul` with the same epilogue unfused) and keeps the fastest (`DEIT_FAST_MLP_GEMM=auto`, the default;
+(F.linear/torch.matmul, the epilogue as PyTorch ops: the bias in cuBLASLt's, GELU, dGELU and the scale + residual
+one pass each) and keeps the fastest (`DEIT_FAST_MLP_GEMM=auto`, the default;
 `triton` or `cublas` forces one). float16/bfloat16 run the kernels on GPUs; float32 runs cuBLAS there (Triton's exact
 float32 dot has no tensor cores); float32 and float16 run the kernels under the interpreter in the tests.
 """
@@ -418,14 +419,18 @@ def _forward_triton(x, w1, b1, w2, b2, residual, layer_scale, sample_scale):
     a, z, _ = _run("fc1_fwd", (M, H, C), x.device, x.dtype,
                    lambda cfg: _launch("fc1_fwd", cfg, x2, w1.t(), x.dtype, bias=b1), fc1_cublas)
 
-    def fc2_cublas():
+    def fc2_cublas():  # cuBLAS(Lt) adds the bias; scale and residual then take one pass (addcmul), not three
         o = F.linear(a, w2, b2)
-        y = o
         factor = _factor(ls, sample_scale, tokens, C, x.device)
-        if factor is not None:
-            y = (y.view(-1, tokens, y.shape[-1]) * factor).view(M, -1)
-        if res2 is not None:
-            y = res2 + y
+        Co = o.shape[-1]
+        if factor is not None and res2 is not None:
+            y = torch.addcmul(res2.view(-1, tokens, Co), o.view(-1, tokens, Co), factor).view(M, Co)
+        elif factor is not None:
+            y = (o.view(-1, tokens, Co) * factor).view(M, Co)
+        elif res2 is not None:
+            y = res2 + o
+        else:
+            y = o
         return y.to(out_dtype), (o if store_o else None), None
 
     y, o, _ = _run("fc2_fwd", (M, w2.shape[0], H), x.device, x.dtype,
