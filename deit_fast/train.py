@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULT_JOB_TEACHER = dict(model="resnet18", data_set="DIGITS", input_size=24, batch_size=128, epochs=7, lr=8e-3,
+DEFAULT_JOB_TEACHER = dict(model="resnet18", data_set="DIGITS", input_size=24, batch_size=128, epochs=10, lr=8e-3,
                            warmup_epochs=1, min_lr=1e-5, weight_decay=0.05, drop_path=0.0, aa="none", mixup=0.0,
                            cutmix=0.0, reprob=0.0, smoothing=0.1, repeated_aug=False, model_ema=False,
                            crop_scale=(0.6, 1.0), hflip=0.0, num_workers=1, log_every=20)
