@@ -298,7 +298,7 @@ def build_model(name: str, num_classes: int, args, img_size: int | None = None):
     kwargs["num_classes"] = num_classes
     if args.drop_path and name == args.model:
         kwargs["drop_path_rate"] = args.drop_path
-    if getattr(args, "drop", 0.0) and name == args.model:
+    if args.drop and name == args.model:
         kwargs["drop_rate"] = args.drop
     try:
         try:
